@@ -1,0 +1,80 @@
+"""Per-example alignment of loss gradients with reference directions.
+
+The alignment of example i with a tangent direction t is
+s_i = <grad_theta loss_i(theta), t>. Both paths start from one linearisation of
+the per-example loss vector, so the forward pass is shared by the weighted
+gradient (a VJP) and the alignment:
+
+* `jvp`: all s_i at once as one forward-mode product of the linearised loss
+  vector with t; memory O(P). With BatchNorm in training mode it
+  differentiates the same batch-coupled losses that the update uses.
+* `vmap`: the per-example gradients as a [B, ...] pytree, one VJP per one-hot
+  cotangent, then s = J t; memory O(B P). It is the reference path for tests
+  and gives per-example gradient norms.
+
+Per-example gradients are never taken by vmapping the model over single
+examples: through BatchNorm that computes a different quantity.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+ALIGNMENT_METHODS = ("jvp", "vmap")
+
+
+class LinearizedLosses(NamedTuple):
+  """A per-example loss vector linearised at the current parameters."""
+
+  losses: jax.Array  # [B] per-example losses at the linearisation point
+  aux: Any  # auxiliary output of the loss function, e.g. BatchNorm statistics
+  jvp: Callable[[Any], jax.Array]  # params-shaped tangent -> [B]
+  vjp: Callable[[jax.Array], Any]  # [B] cotangent -> params-shaped gradient
+
+
+def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) -> LinearizedLosses:
+  """Linearises `loss_fn(params) -> (losses [B], aux)` at `params`.
+
+  Returns:
+    The losses, the auxiliary output, and the JVP and VJP of the loss vector,
+    both evaluated from the one stored forward pass.
+  """
+  losses, jvp_fn, aux = jax.linearize(loss_fn, params, has_aux=True)
+  transpose = jax.linear_transpose(jvp_fn, params)
+  return LinearizedLosses(losses, aux, jvp_fn, lambda cotangent: transpose(cotangent)[0])
+
+
+def per_example_gradients(lin: LinearizedLosses):
+  """Returns the gradient of every loss in the batch, a pytree with leading [B]."""
+  batch_size = lin.losses.shape[0]
+  return jax.vmap(lin.vjp)(jnp.eye(batch_size, dtype=lin.losses.dtype))
+
+
+def compute_alignment(lin: LinearizedLosses, tangents, *, method: str) -> jax.Array:
+  """Computes the alignment of each example with each of T tangent directions.
+
+  Args:
+    lin: the linearised per-example losses.
+    tangents: a params-shaped pytree whose leaves have a leading axis T.
+    method: `'jvp'` (forward mode, O(P) memory) or `'vmap'` (per-example
+      gradients, O(B P) memory).
+
+  Returns:
+    float32 array [T, B]; entry (t, i) is <grad loss_i, tangents[t]>.
+  """
+  if method == "jvp":
+    return jax.vmap(lin.jvp)(tangents).astype(jnp.float32)
+  if method == "vmap":
+    grads = per_example_gradients(lin)
+    products = jax.tree.map(
+        lambda g, t: jnp.einsum("b...,t...->tb", g, t, precision="highest"), grads, tangents
+    )
+    return sum(jax.tree.leaves(products)).astype(jnp.float32)
+  raise ValueError(f"alignment method must be one of {ALIGNMENT_METHODS}, got {method!r}.")
+
+
+def stack_tangents(*trees):
+  """Stacks params-shaped pytrees along a new leading axis for `compute_alignment`."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)

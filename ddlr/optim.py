@@ -1,0 +1,392 @@
+"""Per-instance dynamic learning rates as an optax transformation.
+
+`ddlr` wraps any optax base optimizer and keeps one log learning-rate
+multiplier per training instance (and optionally one per class) in its state.
+The train step reads the multipliers of a batch with `instance_rates`, weights
+the per-example gradients with them, computes how well each example's gradient
+aligns with a reference gradient (see `ddlr.alignment`), and hands the
+weighted gradient, the batch's instance ids and the alignment to
+`tx.update(grads, opt_state, params, ids=..., labels=..., alignment=...)`.
+
+Method limitation: the hypergradient is first order. It is exact for plain SGD
+with the reference evaluated after the step; for momentum and Adam it ignores
+how this step's gradient changes the optimizer's later steps, and Adam's
+preconditioner is read from the state before the step.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+HYPERGRADIENT_SCALES = ("none", "rms")
+
+
+class DdlrState(NamedTuple):
+  """State of the `ddlr` transformation."""
+
+  count: jax.Array  # [] int32, number of updates taken
+  log_lr: jax.Array  # [num_instances] float32, a_i; [0] when instance rates are off
+  log_lr_momentum: jax.Array  # same shape as log_lr; [0] without hyper momentum
+  class_log_lr: jax.Array  # [num_classes] float32, b_c; [0] when class rates are off
+  class_log_lr_momentum: jax.Array  # same shape as class_log_lr; [0] without momentum
+  invalid_id: jax.Array  # [] int32, first out-of-range id seen under jit, -1 if none
+  base_state: optax.OptState
+
+
+def ddlr(
+    base: optax.GradientTransformation,
+    *,
+    num_instances: int,
+    learning_rate: optax.ScalarOrSchedule,
+    hyper_learning_rate: float,
+    hyper_momentum: float = 0.0,
+    instance_rates: bool = True,
+    num_classes: int | None = None,
+    class_hyper_learning_rate: float | None = None,
+    init_log_lr: float = 0.0,
+    log_lr_decay: float = 0.0,
+    log_lr_min: float = -5.0,
+    log_lr_max: float = 5.0,
+    normalize: bool = True,
+    hypergradient_scale: str = "none",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Wraps `base` with learned per-instance (and per-class) learning rates.
+
+  For a batch with instance ids :math:`I` (size :math:`B`) and labels
+  :math:`y`, the multiplier of position :math:`i` is
+  :math:`r_i = \exp(a_{I_i} + b_{y_i})`, divided by its batch mean when
+  `normalize` is true. The caller weights the gradient with these rates,
+  :math:`g = \frac{1}{B}\sum_i r_i \nabla\ell_i(\theta)`, and passes `g` as
+  `updates`; `base` turns it into the parameter update unchanged. With the
+  alignment :math:`s_i = \langle v, P\nabla\ell_i(\theta)\rangle` of each
+  example with a reference gradient :math:`v` (:math:`P` the base optimizer's
+  diagonal preconditioner), the hypergradient of the reference loss after the
+  step with respect to the exponent :math:`e_i = a_{I_i} + b_{y_i}` is
+
+  .. math::
+    h_i = -\frac{\eta_t}{B} r_i (s_i - c), \qquad
+    c = \tfrac{1}{B}\textstyle\sum_j r_j s_j \text{ if normalize else } 0,
+
+  where the centring term :math:`c` is the derivative of the batch-mean
+  normalisation. With `hypergradient_scale='rms'`, :math:`h` is divided by its
+  batch root mean square, so that `hyper_learning_rate` is a step in log space
+  per visit. Then, per instance id :math:`k` in the batch,
+
+  .. math::
+    d_k = \textstyle\sum_{i: I_i = k} h_i + \lambda a_k, \quad
+    m_k \leftarrow \mu m_k + d_k, \quad
+    a_k \leftarrow \mathrm{clip}(a_k - \beta m_k,
+                                 a_{\min}, a_{\max}),
+
+  and the class table :math:`b` takes the same step with
+  :math:`\sum_{i: y_i = c} h_i` for each class present in the batch.
+
+  Numeric edge cases: instances (and classes) not in the batch keep their
+  rate and their momentum exactly. Duplicate ids in a batch sum their
+  hypergradients and take one step. Both tables are float32 whatever the
+  parameters' dtype. Concrete ids outside `[0, num_instances)` raise
+  `ValueError`; under `jit` the out-of-range positions are dropped and the
+  first such id is stored in `DdlrState.invalid_id`, which
+  `raise_if_invalid_ids` turns into the same error on the host.
+
+  Args:
+    base: optax optimizer that turns the weighted gradient into the update.
+    num_instances: number of training instances N; ids are in `[0, N)`.
+    learning_rate: the base optimizer's learning rate or schedule
+      :math:`\eta_t`, used only to scale the hypergradient.
+    hyper_learning_rate: :math:`\beta`, step size of the log rates.
+    hyper_momentum: :math:`\mu` in `[0, 1)`, momentum of the log rates.
+    instance_rates: whether to learn the per-instance table :math:`a`.
+    num_classes: number of classes; when given, the per-class table :math:`b`
+      is learned too and `update` needs `labels`.
+    class_hyper_learning_rate: :math:`\beta` for :math:`b`; defaults to
+      `hyper_learning_rate`.
+    init_log_lr: initial value of every :math:`a_k` (0 means multiplier 1).
+    log_lr_decay: :math:`\lambda \ge 0`, pull of the log rates toward 0.
+    log_lr_min: lower clipping bound of both tables.
+    log_lr_max: upper clipping bound of both tables.
+    normalize: divide the batch's multipliers by their batch mean, so the
+      global step size stays :math:`\eta_t`.
+    hypergradient_scale: `'none'` or `'rms'`, see above.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose `update` takes the
+    keyword-only arguments `ids` (int [B]), `alignment` (float [B]) and, with
+    class rates, `labels` (int [B]).
+
+  References:
+    Saxena, Vyas, DeCoste, `Training With Data Dependent Dynamic Learning
+    Rates <https://arxiv.org/abs/2105.13464>`_, 2021.
+
+    Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
+    <https://arxiv.org/abs/1703.04782>`_, 2018.
+  """
+  _check_positive_int("num_instances", num_instances)
+  _check_finite_at_least("hyper_learning_rate", hyper_learning_rate, 0.0)
+  if not 0.0 <= hyper_momentum < 1.0:
+    raise ValueError(f"hyper_momentum must be in [0, 1), got {hyper_momentum}.")
+  if num_classes is not None:
+    _check_positive_int("num_classes", num_classes)
+  if class_hyper_learning_rate is None:
+    class_hyper_learning_rate = hyper_learning_rate
+  _check_finite_at_least("class_hyper_learning_rate", class_hyper_learning_rate, 0.0)
+  _check_finite_at_least("log_lr_decay", log_lr_decay, 0.0)
+  if not log_lr_min < log_lr_max:
+    raise ValueError(
+        f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}."
+    )
+  if not log_lr_min <= init_log_lr <= log_lr_max:
+    raise ValueError(
+        f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
+        f"[{log_lr_min}, {log_lr_max}]."
+    )
+  if hypergradient_scale not in HYPERGRADIENT_SCALES:
+    raise ValueError(
+        f"hypergradient_scale must be one of {HYPERGRADIENT_SCALES}, "
+        f"got {hypergradient_scale!r}."
+    )
+  if not instance_rates and num_classes is None:
+    raise ValueError(
+        "ddlr needs instance_rates=True or num_classes; with neither it "
+        "learns nothing, so use the base optimizer directly."
+    )
+
+  base = optax.with_extra_args_support(base)
+  use_momentum = hyper_momentum > 0.0
+  learning_rate_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
+
+  def init_fn(params):
+    table_size = num_instances if instance_rates else 0
+    class_size = num_classes or 0
+    return DdlrState(
+        count=jnp.zeros([], jnp.int32),
+        log_lr=jnp.full([table_size], init_log_lr, jnp.float32),
+        log_lr_momentum=jnp.zeros([table_size if use_momentum else 0], jnp.float32),
+        class_log_lr=jnp.zeros([class_size], jnp.float32),
+        class_log_lr_momentum=jnp.zeros([class_size if use_momentum else 0], jnp.float32),
+        invalid_id=jnp.full([], -1, jnp.int32),
+        base_state=base.init(params),
+    )
+
+  def update_fn(updates, state, params=None, *, ids, alignment, labels=None, **extra_args):
+    ids = jnp.asarray(ids)
+    alignment = jnp.asarray(alignment, jnp.float32)
+    _check_batch_args(ids, alignment, labels, num_instances, num_classes)
+
+    rates = _batch_rates(state, ids, labels, normalize)
+    eta = jnp.asarray(learning_rate_fn(state.count), jnp.float32)
+    centred = alignment - jnp.mean(rates * alignment) if normalize else alignment
+    hypergrad = -(eta / ids.shape[0]) * rates * centred
+    if hypergradient_scale == "rms":
+      hypergrad = hypergrad / (jnp.sqrt(jnp.mean(hypergrad**2)) + 1e-12)
+
+    in_range = (ids >= 0) & (ids < num_instances)
+    first_invalid = jnp.where(
+        jnp.all(in_range), -1, ids[jnp.argmin(in_range)].astype(jnp.int32)
+    )
+    invalid_id = jnp.where(state.invalid_id >= 0, state.invalid_id, first_invalid)
+
+    log_lr, log_lr_momentum = state.log_lr, state.log_lr_momentum
+    if instance_rates:
+      log_lr, log_lr_momentum = _instance_step(
+          log_lr, log_lr_momentum, ids, in_range, hypergrad,
+          beta=hyper_learning_rate, mu=hyper_momentum, decay=log_lr_decay,
+          bounds=(log_lr_min, log_lr_max),
+      )  # fmt: skip
+    class_log_lr, class_log_lr_momentum = state.class_log_lr, state.class_log_lr_momentum
+    if num_classes is not None:
+      class_log_lr, class_log_lr_momentum = _class_step(
+          class_log_lr, class_log_lr_momentum, labels, hypergrad,
+          beta=class_hyper_learning_rate, mu=hyper_momentum, decay=log_lr_decay,
+          bounds=(log_lr_min, log_lr_max),
+      )  # fmt: skip
+
+    updates, base_state = base.update(updates, state.base_state, params, **extra_args)
+    new_state = DdlrState(
+        count=optax.safe_increment(state.count),
+        log_lr=log_lr,
+        log_lr_momentum=log_lr_momentum,
+        class_log_lr=class_log_lr,
+        class_log_lr_momentum=class_log_lr_momentum,
+        invalid_id=invalid_id,
+        base_state=base_state,
+    )
+    return updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _instance_step(log_lr, momentum, ids, in_range, hypergrad, *, beta, mu, decay, bounds):
+  """Takes one hyper-optimizer step on the rows `ids` of the instance table."""
+  # Summing over equal ids makes duplicates take one step with their summed
+  # hypergradient; every duplicate then writes the same value, so the scatter
+  # is deterministic. B x B is small next to the model for usual batch sizes.
+  same_id = (ids[:, None] == ids[None, :]).astype(hypergrad.dtype)
+  summed = same_id @ hypergrad
+  safe_ids = jnp.where(in_range, ids, 0)
+  current = log_lr[safe_ids]
+  direction = summed + decay * current
+  if mu > 0.0:
+    direction = mu * momentum[safe_ids] + direction
+    momentum = momentum.at[jnp.where(in_range, ids, log_lr.shape[0])].set(
+        direction, mode="drop"
+    )
+  new_values = jnp.clip(current - beta * direction, *bounds)
+  log_lr = log_lr.at[jnp.where(in_range, ids, log_lr.shape[0])].set(new_values, mode="drop")
+  return log_lr, momentum
+
+
+def _class_step(class_log_lr, momentum, labels, hypergrad, *, beta, mu, decay, bounds):
+  """Takes one hyper-optimizer step on the classes present in the batch."""
+  num_classes = class_log_lr.shape[0]
+  summed = jnp.zeros([num_classes], hypergrad.dtype).at[labels].add(hypergrad)
+  present = jnp.zeros([num_classes], jnp.int32).at[labels].add(1) > 0
+  direction = summed + decay * class_log_lr
+  if mu > 0.0:
+    direction = mu * momentum + direction
+    momentum = jnp.where(present, direction, momentum)
+  stepped = jnp.clip(class_log_lr - beta * direction, *bounds)
+  return jnp.where(present, stepped, class_log_lr), momentum
+
+
+def _batch_rates(state: DdlrState, ids, labels, normalize: bool) -> jax.Array:
+  exponent = jnp.zeros(ids.shape, jnp.float32)
+  if state.log_lr.shape[0]:
+    exponent = exponent + state.log_lr[jnp.clip(ids, 0, state.log_lr.shape[0] - 1)]
+  if state.class_log_lr.shape[0]:
+    exponent = exponent + state.class_log_lr[labels]
+  rates = jnp.exp(exponent)
+  if normalize:
+    rates = rates / jnp.mean(rates)
+  return rates
+
+
+def find_ddlr_state(opt_state: optax.OptState) -> DdlrState:
+  """Returns the single `DdlrState` inside `opt_state` (chains, injections).
+
+  Raises:
+    ValueError: if `opt_state` contains no `DdlrState` or more than one.
+  """
+  found = [
+      node
+      for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, DdlrState))
+      if isinstance(node, DdlrState)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one DdlrState in the optimizer state, found {len(found)}."
+    )
+  return found[0]
+
+
+def instance_rates(
+    opt_state: optax.OptState, ids: jax.Array, labels: jax.Array | None = None, *, normalize: bool
+) -> jax.Array:
+  """Returns the learning-rate multipliers `r` [B] of a batch, float32.
+
+  `normalize` must match the `ddlr` transformation's setting, so that the
+  gradient is weighted with the same rates the hypergradient assumes. Ids are
+  not validated here; `update` validates them.
+  """
+  state = find_ddlr_state(opt_state)
+  if state.class_log_lr.shape[0] and labels is None:
+    raise ValueError("class rates are enabled, so instance_rates needs labels.")
+  return _batch_rates(state, jnp.asarray(ids), labels, normalize)
+
+
+def raise_if_invalid_ids(opt_state: optax.OptState) -> None:
+  """Raises `ValueError` if an update under `jit` saw an out-of-range id.
+
+  Reading the flag synchronises with the device, so call it at the logging
+  cadence rather than every step.
+  """
+  state = find_ddlr_state(opt_state)
+  invalid_id = int(state.invalid_id)
+  if invalid_id >= 0:
+    raise ValueError(
+        f"instance id {invalid_id} is outside [0, {state.log_lr.shape[0]}); "
+        "ids must index the training set."
+    )
+
+
+def find_state_field(opt_state: optax.OptState, state_type: type, field: str) -> Any:
+  """Returns `field` of the single `state_type` node inside `opt_state`.
+
+  Used to read the base optimizer's momentum buffer or Adam moments without
+  knowing how the optimizer was chained.
+
+  Raises:
+    ValueError: if there is no such node, or more than one.
+  """
+  found = [
+      node
+      for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
+      if isinstance(node, state_type)
+  ]
+  if len(found) != 1:
+    raise ValueError(
+        f"expected exactly one {state_type.__name__} in the optimizer state, "
+        f"found {len(found)}; this reference or preconditioner needs an "
+        "optimizer that keeps one."
+    )
+  return getattr(found[0], field)
+
+
+def momentum_buffer(opt_state: optax.OptState) -> optax.Params:
+  """Returns the base optimizer's first-moment buffer (SGD trace or Adam mu)."""
+  try:
+    return find_state_field(opt_state, optax.TraceState, "trace")
+  except ValueError:
+    return find_state_field(opt_state, optax.ScaleByAdamState, "mu")
+
+
+def adam_preconditioner(opt_state: optax.OptState, *, b2: float, eps: float) -> optax.Params:
+  r"""Returns Adam's diagonal preconditioner :math:`1/(\sqrt{\hat v}+\epsilon)`.
+
+  Before the first step the second moment is zero, so the preconditioner is
+  1 everywhere rather than the 1/eps the formula would give.
+  """
+  count = find_state_field(opt_state, optax.ScaleByAdamState, "count")
+  nu = find_state_field(opt_state, optax.ScaleByAdamState, "nu")
+  correction = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)
+
+  def invert(second_moment):
+    preconditioner = 1.0 / (jnp.sqrt(second_moment / correction) + eps)
+    return jnp.where(count > 0, preconditioner, jnp.ones_like(preconditioner))
+
+  return jax.tree.map(invert, nu)
+
+
+def _check_batch_args(ids, alignment, labels, num_instances, num_classes):
+  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}.")
+  if alignment.shape != ids.shape:
+    raise ValueError(
+        f"alignment must have the shape of ids {ids.shape}, got {alignment.shape}."
+    )
+  if num_classes is not None:
+    if labels is None:
+      raise ValueError("class rates are enabled (num_classes given), so update needs labels.")
+    if jnp.shape(labels) != ids.shape:
+      raise ValueError(f"labels must have the shape of ids {ids.shape}, got {jnp.shape(labels)}.")
+  if not isinstance(ids, jax.core.Tracer):
+    bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= num_instances)]
+    if bad.size:
+      raise ValueError(
+          f"instance id {int(bad[0])} is outside [0, {num_instances}); "
+          "ids must index the training set."
+      )
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _check_finite_at_least(name: str, value: float, minimum: float) -> None:
+  if not np.isfinite(value) or value < minimum:
+    raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")
+

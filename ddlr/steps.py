@@ -1,0 +1,235 @@
+"""Train state and the jitted train and eval steps.
+
+A train step with per-instance rates: read the batch's rates from the
+optimizer state, linearise the per-example losses once, take the rate-weighted
+gradient as a VJP, compute every example's alignment with the configured
+reference gradient as a JVP (or from per-example gradients), and let the
+`ddlr` transformation update both the parameters and the rates.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from ddlr import alignment as alignment_lib
+from ddlr import optim
+
+# Which gradient the alignment is measured against:
+#   batch      the weighted gradient of the batch itself (biased: self term);
+#   lookahead  the batch's mean loss gradient after the step;
+#   split      each half of the batch against the other half's gradient;
+#   momentum   the base optimizer's momentum buffer (past batches only);
+#   reference  a batch of the held-out reference split.
+REFERENCES = ("batch", "lookahead", "split", "momentum", "reference")
+# Where the `reference` batch's gradient is taken: after the step (exact for
+# SGD) or at the current parameters (first-order shortcut, one forward less).
+REFERENCE_POINTS = ("lookahead", "current")
+PRECONDITIONERS = ("identity", "adam")
+
+
+class TrainState(struct.PyTreeNode):
+  """Everything a training step reads and writes; `step` is the one step counter."""
+
+  step: jax.Array  # [] int32
+  params: Any
+  batch_stats: Any  # BatchNorm running statistics, {} for models without BatchNorm
+  opt_state: optax.OptState
+  rng: jax.Array  # PRNG key for the reference batches
+
+
+class DeviceData(struct.PyTreeNode):
+  """Training and reference arrays held on the device; a batch gathers rows by id."""
+
+  train_images: jax.Array  # [N, H, W, C] float32
+  train_labels: jax.Array  # [N] int32, observed (possibly corrupted) labels
+  reference_images: jax.Array  # [R, H, W, C] float32, R may be 0
+  reference_labels: jax.Array  # [R] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+  """Static choices of the train step, taken from the config's `ddlr` section."""
+
+  enabled: bool = True
+  reference: str = "reference"
+  reference_at: str = "lookahead"
+  alignment: str = "jvp"
+  normalize: bool = True
+  class_rates: bool = False
+  reference_batch_size: int = 128
+  preconditioner: str = "identity"
+  adam_b2: float = 0.999
+  adam_eps: float = 1e-8
+
+
+def make_loss_fn(model: nn.Module, batch_stats, images, labels):
+  """Returns `params -> (per-example losses [B], (logits, new batch_stats))`, training mode."""
+
+  def loss_fn(params):
+    variables = {"params": params}
+    if batch_stats:
+      variables["batch_stats"] = batch_stats
+      logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
+      new_stats = mutated["batch_stats"]
+    else:
+      logits = model.apply(variables, images, train=True)
+      new_stats = batch_stats
+    logits = logits.astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return losses, (logits, new_stats)
+
+  return loss_fn
+
+
+def mean_loss_gradient(model, batch_stats, params, images, labels):
+  """Returns the gradient of the unweighted mean loss of a batch, training mode."""
+  loss_fn = make_loss_fn(model, batch_stats, images, labels)
+  return jax.grad(lambda p: jnp.mean(loss_fn(p)[0]))(params)
+
+
+def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx, settings):
+  """Takes one training step on the instances `ids` [B].
+
+  Returns:
+    The new `TrainState` and a dict of scalar metrics for this step.
+  """
+  images = data.train_images[ids]
+  labels = data.train_labels[ids]
+
+  rng, reference_rng = jax.random.split(state.rng)
+
+  batch_size = ids.shape[0]
+  if settings.enabled:
+    labels_for_rates = labels if settings.class_rates else None
+    rates = optim.instance_rates(
+        state.opt_state, ids, labels_for_rates, normalize=settings.normalize
+    )
+  else:
+    rates = jnp.ones([batch_size], jnp.float32)
+
+  lin = alignment_lib.linearize_losses(
+      make_loss_fn(model, state.batch_stats, images, labels), state.params
+  )
+  logits, batch_stats = lin.aux
+  grads = lin.vjp(rates / batch_size)
+
+  if settings.enabled:
+    alignment = compute_batch_alignment(
+        state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
+        settings=settings,
+    )  # fmt: skip
+    updates, opt_state = tx.update(
+        grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
+    )
+  else:
+    alignment = jnp.zeros([batch_size], jnp.float32)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+
+  params = optax.apply_updates(state.params, updates)
+  new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng
+  )
+
+  metrics = {
+      "train/loss": jnp.mean(lin.losses),
+      "train/weighted_loss": jnp.mean(rates * lin.losses),
+      "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+      "train/grad_norm": optax.global_norm(grads),
+      "train/update_norm": optax.global_norm(updates),
+      "ddlr/alignment_mean": jnp.mean(alignment),
+      "ddlr/batch_rate_max": jnp.max(rates),
+  }
+  return new_state, metrics
+
+
+def compute_batch_alignment(
+    state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
+) -> jax.Array:
+  """Returns the alignment [B] of each example with the configured reference gradient."""
+  precondition = _preconditioner(state.opt_state, settings)
+  batch_size = ids.shape[0]
+
+  if settings.reference == "split":
+    # The second half's gradient follows from the full one by linearity, so
+    # the split costs one extra VJP, not two.
+    first_half = jnp.arange(batch_size) < batch_size // 2
+    num_first = batch_size // 2
+    first_sum = lin.vjp(rates * first_half)
+    second_sum = jax.tree.map(lambda g, f: batch_size * g - f, grads, first_sum)
+    tangents = alignment_lib.stack_tangents(
+        precondition(jax.tree.map(lambda s: s / (batch_size - num_first), second_sum)),
+        precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
+    )
+    both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
+    return jnp.where(first_half, both[0], both[1])
+
+  if settings.reference == "batch":
+    direction = grads
+  elif settings.reference == "momentum":
+    direction = optim.momentum_buffer(state.opt_state)
+  elif settings.reference == "lookahead":
+    params_after = lookahead_params(state, grads, ids, labels, tx)
+    images = data.train_images[ids]
+    direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
+  else:
+    direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
+  tangents = alignment_lib.stack_tangents(precondition(direction))
+  return alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
+
+
+def reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings):
+  """Returns the mean loss gradient of a random batch of the reference split."""
+  num_reference = data.reference_labels.shape[0]
+  size = settings.reference_batch_size
+  picked = jax.random.choice(rng, num_reference, (size,), replace=size > num_reference)
+  if settings.reference_at == "lookahead":
+    params = lookahead_params(state, grads, ids, labels, tx)
+  else:
+    params = state.params
+  return mean_loss_gradient(
+      model, state.batch_stats, params, data.reference_images[picked],
+      data.reference_labels[picked],
+  )  # fmt: skip
+
+
+def lookahead_params(state, grads, ids, labels, tx):
+  """Returns the parameters after this step's base update.
+
+  The update does not depend on the alignment, so a call with zero alignment
+  gives the step's parameters; under jit the rate update of this call is
+  unused and its base update is the same computation as the real one.
+  """
+  zeros = jnp.zeros(ids.shape, jnp.float32)
+  updates, _ = tx.update(
+      grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=zeros
+  )
+  return optax.apply_updates(state.params, updates)
+
+
+def _preconditioner(opt_state, settings):
+  if settings.preconditioner == "identity":
+    return lambda tree: tree
+  preconditioner = optim.adam_preconditioner(
+      opt_state, b2=settings.adam_b2, eps=settings.adam_eps
+  )
+  return lambda tree: jax.tree.map(jnp.multiply, preconditioner, tree)
+
+
+def eval_step(params, batch_stats, images, labels, mask, *, model):
+  """Returns summed correct predictions, summed loss and count over the masked batch."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  logits = model.apply(variables, images, train=False).astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {
+      "correct": jnp.sum(correct * mask),
+      "loss": jnp.sum(losses * mask),
+      "count": jnp.sum(mask),
+  }

@@ -1,0 +1,144 @@
+"""Tests of the jitted train step: its hypergradient, references and recompilation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddlr import optim, steps
+from ddlr.models import SmallCNN
+
+NUM_INSTANCES, NUM_REFERENCE, BATCH_SIZE, ETA = 16, 8, 6, 0.2
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  model = SmallCNN(num_classes=3, width=2, hidden=8)
+  keys = jax.random.split(jax.random.key(0), 5)
+  data = steps.DeviceData(
+      train_images=jax.random.normal(keys[0], (NUM_INSTANCES, 8, 8, 1)),
+      train_labels=jax.random.randint(keys[1], (NUM_INSTANCES,), 0, 3),
+      reference_images=jax.random.normal(keys[2], (NUM_REFERENCE, 8, 8, 1)),
+      reference_labels=jax.random.randint(keys[3], (NUM_REFERENCE,), 0, 3),
+  )
+  params = jax.jit(lambda k: model.init(k, data.train_images[:1], train=False))(keys[4])["params"]
+  return model, data, params
+
+
+def _state(model, params, reference, normalize=True):
+  tx = optim.ddlr(
+      optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
+      log_lr_min=-50.0, log_lr_max=50.0, normalize=normalize,
+  )  # fmt: skip
+  opt_state = tx.init(params)
+  opt_state = opt_state._replace(
+      log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
+  )
+  state = steps.TrainState(
+      step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=opt_state,
+      rng=jax.random.key(1),
+  )  # fmt: skip
+  settings = steps.StepSettings(
+      reference=reference, reference_batch_size=NUM_REFERENCE, normalize=normalize
+  )
+  return tx, state, settings
+
+
+def _mean_loss(model, params, images, labels):
+  logits = model.apply({"params": params}, images, train=True)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+
+
+@pytest.mark.parametrize("reference", ["lookahead", "reference"])
+def test_train_step_hypergradient_matches_autodiff(reference):
+  model, data, params = _setup()
+  tx, state, settings = _state(model, params, reference)
+  ids = jnp.array([3, 11, 0, 7, 14, 5])
+  log_lr = state.opt_state.log_lr
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+  new_state, _ = step(state, data, ids)
+
+  if reference == "lookahead":
+    target = (data.train_images[ids], data.train_labels[ids])
+  else:
+    # The reference batch is the whole split, drawn without replacement, and
+    # the mean loss does not depend on its order.
+    target = (data.reference_images, data.reference_labels)
+
+  def reference_loss_after_step(table):
+    rates = jnp.exp(table[ids])
+    rates = rates / jnp.mean(rates)
+
+    def weighted_loss(p):
+      logits = model.apply({"params": p}, data.train_images[ids], train=True)
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, data.train_labels[ids])
+      return jnp.mean(rates * losses)
+
+    grads = jax.grad(weighted_loss)(params)
+    after = jax.tree.map(lambda p, g: p - ETA * g, params, grads)
+    return _mean_loss(model, after, *target)
+
+  expected = jax.jit(jax.grad(reference_loss_after_step))(log_lr)
+  computed = log_lr - new_state.opt_state.log_lr
+  relative_error = float(jnp.linalg.norm(computed - expected) / jnp.linalg.norm(expected))
+  assert float(jnp.linalg.norm(expected)) > 1e-5
+  assert relative_error < 1e-4
+
+
+def test_split_reference_scores_against_other_half():
+  model, data, params = _setup()
+  tx, state, settings = _state(model, params, "split", normalize=False)
+  ids = jnp.array([3, 11, 0, 7, 14, 5])
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+  new_state, _ = step(state, data, ids)
+
+  rates = jnp.exp(state.opt_state.log_lr[ids])
+  per_example = jax.jit(
+      jax.jacrev(
+          lambda p: jax.vmap(lambda x, y: _mean_loss(model, p, x[None], y[None]))(
+              data.train_images[ids], data.train_labels[ids]
+          )
+      )
+  )(params)
+  flat = jnp.concatenate([g.reshape(BATCH_SIZE, -1) for g in jax.tree.leaves(per_example)], 1)
+  weighted = rates[:, None] * flat
+  first, second = weighted[:3].mean(0), weighted[3:].mean(0)
+  alignment = jnp.concatenate([flat[:3] @ second, flat[3:] @ first])
+  expected_step = (ETA / BATCH_SIZE) * rates * alignment  # -h with normalize off
+  computed_step = new_state.opt_state.log_lr[ids] - state.opt_state.log_lr[ids]
+  np.testing.assert_allclose(computed_step, expected_step, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("reference", ["batch", "split", "momentum", "reference"])
+def test_train_step_compiles_once_and_stays_finite(reference):
+  model, data, params = _setup()
+  params = jax.tree.map(jnp.copy, params)  # the step donates its state
+  tx = optim.ddlr(
+      optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
+      hyper_learning_rate=0.5, hypergradient_scale="rms",
+  )  # fmt: skip
+  state = steps.TrainState(
+      step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
+      opt_state=tx.init(params), rng=jax.random.key(1),
+  )  # fmt: skip
+  settings = steps.StepSettings(reference=reference, reference_batch_size=4)
+  traces = []
+
+  def counted_step(state, data, ids):
+    traces.append(1)
+    return steps.train_step(state, data, ids, model=model, tx=tx, settings=settings)
+
+  step = jax.jit(counted_step, donate_argnums=0)
+  for index in range(3):
+    state, metrics = step(state, data, jnp.arange(BATCH_SIZE) + index)
+  assert len(traces) == 1
+  assert int(state.step) == 3
+  assert all(bool(jnp.isfinite(value)) for value in metrics.values())
+  table = state.opt_state.log_lr
+  assert bool(jnp.all(jnp.isfinite(table)))
+  if reference != "momentum":  # the momentum buffer is zero at the first step
+    assert float(jnp.max(jnp.abs(table[: BATCH_SIZE + 2]))) > 0.0
+  np.testing.assert_array_equal(table[BATCH_SIZE + 2 :], 0.0)
