@@ -1,0 +1,250 @@
+"""Build the training, reference and test arrays that a ddlr run uses."""
+
+import dataclasses
+
+import ml_collections
+import numpy as np
+
+from ddlr.data import catalog, checks, sources
+from ddlr.data.errors import DataError
+from ddlr.data.noise import NOISE_KINDS, corrupt_labels
+from ddlr.data.splits import hold_out_reference
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingData:
+  """Training, reference and test arrays of one run, with the label noise record.
+
+  Row k of the training arrays is the example with instance id k, for k in
+  `[0, N)`. `source_index[k]` is its position in the tfds train split.
+  Images are float32 NHWC, normalized with the dataset's per-channel mean
+  and std.
+  """
+
+  name: str
+  images: np.ndarray
+  labels: np.ndarray  # observed labels, possibly noisy (int32)
+  true_labels: np.ndarray
+  is_noisy: np.ndarray  # bool, labels != true_labels
+  source_index: np.ndarray
+  reference_images: np.ndarray
+  reference_labels: np.ndarray
+  reference_source_index: np.ndarray
+  test_images: np.ndarray
+  test_labels: np.ndarray
+  num_classes: int
+  class_names: tuple[str, ...]
+  noise_kind: str
+  # Realized fraction of training labels that differ from the true labels.
+  # For 'uniform' noise it is about (C - 1) / C times the configured noise.rate.
+  noise_rate: float
+
+  def __post_init__(self):
+    groups = {
+      "training": ("images", "labels", "true_labels", "is_noisy", "source_index"),
+      "reference": (
+        "reference_images",
+        "reference_labels",
+        "reference_source_index",
+      ),
+      "test": ("test_images", "test_labels"),
+    }
+    for group, fields in groups.items():
+      lengths = {field: len(getattr(self, field)) for field in fields}
+      if len(set(lengths.values())) > 1:
+        raise DataError(f"{group} arrays differ in length: {lengths}")
+
+  @property
+  def num_examples(self) -> int:
+    """Number of training examples N, so instance ids are `[0, N)`."""
+    return len(self.labels)
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Return the data config with every field that `load_dataset` reads.
+
+  Fields:
+    name: dataset, one of `catalog.SUPPORTED_DATASETS`.
+    source: `'tfds'` or `'idx'` (raw files in `manual_dir`).
+    data_dir: tfds data directory, None for the tfds default.
+    manual_dir: directory with raw files, None if unused.
+    num_train: keep the first this many examples of the train split
+      before the reference hold-out, 0 for all.
+    num_test: keep the first this many test examples, 0 for all.
+    reference_size: size of the class-balanced reference set held out of
+      training, 0 for none.
+    noise.kind: one of `noise.NOISE_KINDS`.
+    noise.rate: fraction of training examples to corrupt, in [0, 1).
+    seed: seed of the reference hold-out and the label noise.
+  """
+  config = ml_collections.ConfigDict()
+  config.name = "fashion_mnist"
+  config.source = "tfds"
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  config.num_train = 0
+  config.num_test = 0
+  config.reference_size = 0
+  config.noise = ml_collections.ConfigDict()
+  config.noise.kind = "none"
+  config.noise.rate = 0.0
+  config.seed = 0
+  return config
+
+
+_FIELDS = frozenset(default_config().keys())
+_NOISE_FIELDS = frozenset(default_config().noise.keys())
+
+
+def load_dataset(config) -> TrainingData:
+  """Load a dataset, hold out the reference set and corrupt training labels.
+
+  Steps: load the first `num_train` train examples and `num_test` test
+  examples, hold out `reference_size` class-balanced examples by their true
+  labels, corrupt the labels of the remaining training examples, and
+  normalize all images. The reference and test labels stay clean.
+
+  Args:
+    config: mapping or ConfigDict with exactly the fields of
+      `default_config()`.
+
+  Returns:
+    The TrainingData of the run.
+
+  Raises:
+    DataError: a field is missing, unknown or invalid (the message names
+      it), or a file or directory is missing or invalid.
+  """
+  _check_config(config)
+  name = config["name"]
+  spec = catalog.get_spec(name)
+  num_train, num_test = int(config["num_train"]), int(config["num_test"])
+  reference_size, seed = int(config["reference_size"]), int(config["seed"])
+  noise_kind, noise_rate = config["noise"]["kind"], float(config["noise"]["rate"])
+
+  load = dict(
+    source=config["source"],
+    data_dir=config["data_dir"],
+    manual_dir=config["manual_dir"],
+  )
+  train_images, train_labels, class_names = sources.load_split(
+    name, "train", max_examples=num_train or None, **load
+  )
+  test_images, test_labels, _ = sources.load_split(
+    name, "test", max_examples=num_test or None, **load
+  )
+  _check_loaded_count("num_train", num_train, len(train_labels), name, "train")
+  _check_loaded_count("num_test", num_test, len(test_labels), name, "test")
+  if reference_size >= len(train_labels):
+    raise DataError(
+      f"reference_size={reference_size} must be less than the "
+      f"{len(train_labels)} training examples it is held out of"
+    )
+
+  train_index, reference_index = hold_out_reference(
+    train_labels, reference_size, seed, num_classes=spec.num_classes
+  )
+  true_labels = train_labels[train_index]
+  observed, is_noisy = corrupt_labels(
+    true_labels,
+    kind=noise_kind,
+    rate=noise_rate,
+    num_classes=spec.num_classes,
+    seed=seed,
+  )
+  return TrainingData(
+    name=name,
+    images=normalize_images(train_images[train_index], spec),
+    labels=observed,
+    true_labels=true_labels,
+    is_noisy=is_noisy,
+    source_index=train_index,
+    reference_images=normalize_images(train_images[reference_index], spec),
+    reference_labels=train_labels[reference_index],
+    reference_source_index=reference_index,
+    test_images=normalize_images(test_images, spec),
+    test_labels=test_labels,
+    num_classes=spec.num_classes,
+    class_names=tuple(class_names),
+    noise_kind=noise_kind,
+    noise_rate=float(is_noisy.mean()),
+  )
+
+
+def normalize_images(images: np.ndarray, spec: catalog.DatasetSpec) -> np.ndarray:
+  """Scale uint8 images to [0, 1], then standardize each channel.
+
+  Returns:
+    float32 array of the same shape: `(images / 255 - mean) / std`.
+  """
+  mean = np.asarray(spec.mean, dtype=np.float32)
+  std = np.asarray(spec.std, dtype=np.float32)
+  return (images.astype(np.float32) / 255.0 - mean) / std
+
+
+def _check_config(config) -> None:
+  """Raise DataError naming the first missing, unknown or invalid field.
+
+  Checks everything that can be checked before loading any data.
+  """
+  _check_fields(config, _FIELDS, prefix="")
+  noise = config["noise"]
+  if not hasattr(noise, "keys"):
+    raise DataError(f"noise must be a ConfigDict with kind and rate, got {noise!r}")
+  _check_fields(noise, _NOISE_FIELDS, prefix="noise.")
+
+  for field, value in (
+    ("name", config["name"]),
+    ("source", config["source"]),
+    ("noise.kind", noise["kind"]),
+  ):
+    if not isinstance(value, str):
+      raise DataError(f"{field} must be a string, got {value!r}")
+  spec = catalog.get_spec(config["name"])
+  if config["source"] not in sources.SOURCES:
+    raise DataError(
+      f"invalid source {config['source']!r}. Expected one of {', '.join(sources.SOURCES)}"
+    )
+  for field in ("data_dir", "manual_dir"):
+    if config[field] is not None and not isinstance(config[field], str):
+      raise DataError(f"{field} must be a path string or None, got {config[field]!r}")
+
+  for field in ("num_train", "num_test", "reference_size", "seed"):
+    checks.check_count(field, config[field])
+  if config["reference_size"] % spec.num_classes:
+    raise DataError(
+      f"reference_size={config['reference_size']} is not a multiple of the "
+      f"{spec.num_classes} classes of {spec.name}, so the reference set "
+      "cannot be class-balanced"
+    )
+  if noise["kind"] not in NOISE_KINDS:
+    raise DataError(
+      f"unknown noise.kind {noise['kind']!r}. Expected one of {', '.join(NOISE_KINDS)}"
+    )
+  rate = noise["rate"]
+  if not checks.is_real(rate) or not 0.0 <= rate < 1.0:
+    raise DataError(f"noise.rate must be a number in [0, 1), got {rate!r}")
+  if noise["kind"] == "none" and rate != 0.0:
+    raise DataError(
+      f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
+    )
+
+
+def _check_fields(section, expected: frozenset[str], prefix: str) -> None:
+  keys = set(section.keys())
+  missing = sorted(prefix + key for key in expected - keys)
+  unknown = sorted(prefix + key for key in keys - expected)
+  if missing:
+    raise DataError(f"data config is missing the fields {', '.join(missing)}")
+  if unknown:
+    raise DataError(
+      f"unknown data config fields {', '.join(unknown)}. Expected "
+      f"{', '.join(sorted(prefix + key for key in expected))}"
+    )
+
+
+def _check_loaded_count(field: str, requested: int, loaded: int, name: str, split: str) -> None:
+  if requested and loaded < requested:
+    raise DataError(
+      f"{field}={requested} exceeds the {loaded} examples of the {name} {split!r} split"
+    )

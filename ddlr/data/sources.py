@@ -1,0 +1,160 @@
+"""Load a whole dataset split as numpy arrays from tfds or from raw files."""
+
+import os
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ddlr.data import catalog, checks, fashion_offline, raw_files
+from ddlr.data.errors import DataError
+
+SOURCES = ("tfds", "idx")
+SPLITS = ("train", "test")
+
+_READ_BATCH_SIZE = 10_000
+
+
+def load_split(
+  name: str,
+  split: str,
+  *,
+  source: str,
+  data_dir: str | None,
+  manual_dir: str | None,
+  max_examples: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """Load one split of a supported dataset into memory.
+
+  With `source='tfds'` the split is read from the tfds dataset prepared in
+  `data_dir` (None means the tfds default). ddlr never downloads data: if
+  `fashion_mnist` is not prepared and `manual_dir` is given, it is prepared
+  offline from the files of Debian's dataset-fashion-mnist in `manual_dir`.
+  Other unprepared datasets raise DataError. With `source='idx'` the split
+  is read from raw files in `manual_dir`: IDX files for `mnist` and
+  `fashion_mnist`, the extracted python archive for `cifar10` and
+  `cifar100`. Both sources return the examples in the order of the tfds
+  split, so row i is example i of that split.
+
+  Args:
+    name: one of `catalog.SUPPORTED_DATASETS`.
+    split: `'train'` or `'test'`.
+    source: `'tfds'` or `'idx'`.
+    data_dir: tfds data directory. Must exist if given.
+    manual_dir: directory with the raw files. Must exist if given. With
+      `source='tfds'` it is used only to prepare `fashion_mnist`.
+    max_examples: if given, read at most this many examples from the
+      start of the split. A smaller split is returned whole.
+
+  Returns:
+    uint8 images `[n, H, W, C]`, int32 labels `[n]` and the class names in
+    label order.
+  """
+  spec = catalog.get_spec(name)
+  _check_choice("split", split, SPLITS)
+  _check_choice("source", source, SOURCES)
+  _check_directory("data_dir", data_dir)
+  _check_directory("manual_dir", manual_dir)
+  if max_examples is not None:
+    checks.check_count("max_examples", max_examples)
+
+  if source == "tfds":
+    images, labels, class_names = _load_tfds_split(name, split, data_dir, manual_dir, max_examples)
+  else:
+    images, labels, class_names = _load_raw_split(name, split, manual_dir, max_examples)
+
+  if images.dtype != np.uint8 or images.shape[1:] != spec.image_shape:
+    raise DataError(
+      f"{name} {split!r} images are {images.dtype} {images.shape[1:]}, "
+      f"expected uint8 {spec.image_shape}"
+    )
+  if len(class_names) != spec.num_classes:
+    raise DataError(f"{name} has {len(class_names)} class names, expected {spec.num_classes}")
+  return images, labels, class_names
+
+
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+  if value not in choices:
+    raise DataError(f"invalid {field} {value!r}. Expected one of {', '.join(choices)}")
+
+
+def _check_directory(field: str, path: str | None) -> None:
+  if path is not None and not os.path.isdir(path):
+    raise DataError(f"{field} directory not found: {path}")
+
+
+def _load_tfds_split(
+  name: str,
+  split: str,
+  data_dir: str | None,
+  manual_dir: str | None,
+  max_examples: int | None,
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  builder = tfds.builder(name, data_dir=data_dir)
+  if name == "fashion_mnist" and manual_dir is not None and not builder.is_prepared():
+    fashion_offline.prepare_fashion_mnist(data_dir, manual_dir)
+    builder = tfds.builder(name, data_dir=data_dir)
+
+  tfds_split = split if max_examples is None else f"{split}[:{max_examples}]"
+  try:
+    # Fixed-size batches, not batch_size=-1: when tfds does not know the
+    # split size (as under tfds.testing.mock_data without metadata files), -1
+    # becomes a batch of sys.maxsize, on which TF 2.21 aborts the process.
+    batches = builder.as_dataset(split=tfds_split, batch_size=_READ_BATCH_SIZE)
+  except AssertionError as error:
+    # tfds 4.9 raises AssertionError from as_dataset when the dataset
+    # directory does not exist, that is, when it was never prepared.
+    raise DataError(_not_prepared_message(name, builder.data_dir_root)) from error
+
+  class_names = list(builder.info.features["label"].names)
+  image_batches, label_batches = [], []
+  for batch in tfds.as_numpy(batches):
+    image_batches.append(batch["image"])
+    label_batches.append(batch["label"].astype(np.int32))
+  if not image_batches:
+    spec = catalog.get_spec(name)
+    return np.zeros((0, *spec.image_shape), np.uint8), np.zeros(0, np.int32), class_names
+  images = np.concatenate(image_batches)
+  labels = np.concatenate(label_batches)
+  # tfds.testing.mock_data returns a fixed number of examples for any split.
+  if max_examples is not None:
+    images, labels = images[:max_examples], labels[:max_examples]
+  return images, labels, class_names
+
+
+def _not_prepared_message(name: str, data_dir) -> str:
+  if name == "fashion_mnist":
+    instructions = (
+      "pass manual_dir with the files of Debian's dataset-fashion-mnist "
+      f"(usually {fashion_offline.DEBIAN_FASHION_MNIST_DIR}) to prepare it "
+      "offline"
+    )
+  else:
+    instructions = (
+      f"prepare it where a network is available (`tfds build {name} "
+      "--data_dir=DIR`) and copy DIR here"
+    )
+  return (
+    f"tfds dataset {name} is not prepared in {data_dir} and ddlr does not "
+    f"download data: {instructions}, or use source='idx' with the raw files in "
+    "manual_dir"
+  )
+
+
+def _load_raw_split(
+  name: str, split: str, manual_dir: str | None, max_examples: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  if manual_dir is None:
+    raise DataError(f"source='idx' needs manual_dir, the directory with the raw {name} files")
+  if name in ("mnist", "fashion_mnist"):
+    images, labels = raw_files.read_idx_split(name, split, manual_dir)
+    if name == "mnist":
+      class_names = list(catalog.MNIST_CLASS_NAMES)
+    else:
+      class_names = list(catalog.FASHION_MNIST_CLASS_NAMES)
+  else:
+    images, labels, class_names = raw_files.read_cifar_split(name, split, manual_dir)
+
+  order = raw_files.tfds_order(split, len(labels))
+  if max_examples is not None:
+    order = order[:max_examples]
+  return images[order], labels[order], class_names
