@@ -69,7 +69,7 @@ def compute_alignment(lin: LinearizedLosses, tangents, *, method: str) -> jax.Ar
   if method == "vmap":
     grads = per_example_gradients(lin)
     products = jax.tree.map(
-        lambda g, t: jnp.einsum("b...,t...->tb", g, t, precision="highest"), grads, tangents
+      lambda g, t: jnp.einsum("b...,t...->tb", g, t, precision="highest"), grads, tangents
     )
     return sum(jax.tree.leaves(products)).astype(jnp.float32)
   raise ValueError(f"alignment method must be one of {ALIGNMENT_METHODS}, got {method!r}.")

@@ -37,21 +37,21 @@ class DdlrState(NamedTuple):
 
 
 def ddlr(
-    base: optax.GradientTransformation,
-    *,
-    num_instances: int,
-    learning_rate: optax.ScalarOrSchedule,
-    hyper_learning_rate: float,
-    hyper_momentum: float = 0.0,
-    instance_rates: bool = True,
-    num_classes: int | None = None,
-    class_hyper_learning_rate: float | None = None,
-    init_log_lr: float = 0.0,
-    log_lr_decay: float = 0.0,
-    log_lr_min: float = -5.0,
-    log_lr_max: float = 5.0,
-    normalize: bool = True,
-    hypergradient_scale: str = "none",
+  base: optax.GradientTransformation,
+  *,
+  num_instances: int,
+  learning_rate: optax.ScalarOrSchedule,
+  hyper_learning_rate: float,
+  hyper_momentum: float = 0.0,
+  instance_rates: bool = True,
+  num_classes: int | None = None,
+  class_hyper_learning_rate: float | None = None,
+  init_log_lr: float = 0.0,
+  log_lr_decay: float = 0.0,
+  log_lr_min: float = -5.0,
+  log_lr_max: float = 5.0,
+  normalize: bool = True,
+  hypergradient_scale: str = "none",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `base` with learned per-instance (and per-class) learning rates.
 
@@ -135,23 +135,20 @@ def ddlr(
   _check_finite_at_least("class_hyper_learning_rate", class_hyper_learning_rate, 0.0)
   _check_finite_at_least("log_lr_decay", log_lr_decay, 0.0)
   if not log_lr_min < log_lr_max:
-    raise ValueError(
-        f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}."
-    )
+    raise ValueError(f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}.")
   if not log_lr_min <= init_log_lr <= log_lr_max:
     raise ValueError(
-        f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
-        f"[{log_lr_min}, {log_lr_max}]."
+      f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
+      f"[{log_lr_min}, {log_lr_max}]."
     )
   if hypergradient_scale not in HYPERGRADIENT_SCALES:
     raise ValueError(
-        f"hypergradient_scale must be one of {HYPERGRADIENT_SCALES}, "
-        f"got {hypergradient_scale!r}."
+      f"hypergradient_scale must be one of {HYPERGRADIENT_SCALES}, got {hypergradient_scale!r}."
     )
   if not instance_rates and num_classes is None:
     raise ValueError(
-        "ddlr needs instance_rates=True or num_classes; with neither it "
-        "learns nothing, so use the base optimizer directly."
+      "ddlr needs instance_rates=True or num_classes; with neither it "
+      "learns nothing, so use the base optimizer directly."
     )
 
   base = optax.with_extra_args_support(base)
@@ -162,13 +159,13 @@ def ddlr(
     table_size = num_instances if instance_rates else 0
     class_size = num_classes or 0
     return DdlrState(
-        count=jnp.zeros([], jnp.int32),
-        log_lr=jnp.full([table_size], init_log_lr, jnp.float32),
-        log_lr_momentum=jnp.zeros([table_size if use_momentum else 0], jnp.float32),
-        class_log_lr=jnp.zeros([class_size], jnp.float32),
-        class_log_lr_momentum=jnp.zeros([class_size if use_momentum else 0], jnp.float32),
-        invalid_id=jnp.full([], -1, jnp.int32),
-        base_state=base.init(params),
+      count=jnp.zeros([], jnp.int32),
+      log_lr=jnp.full([table_size], init_log_lr, jnp.float32),
+      log_lr_momentum=jnp.zeros([table_size if use_momentum else 0], jnp.float32),
+      class_log_lr=jnp.zeros([class_size], jnp.float32),
+      class_log_lr_momentum=jnp.zeros([class_size if use_momentum else 0], jnp.float32),
+      invalid_id=jnp.full([], -1, jnp.int32),
+      base_state=base.init(params),
     )
 
   def update_fn(updates, state, params=None, *, ids, alignment, labels=None, **extra_args):
@@ -184,9 +181,7 @@ def ddlr(
       hypergrad = hypergrad / (jnp.sqrt(jnp.mean(hypergrad**2)) + 1e-12)
 
     in_range = (ids >= 0) & (ids < num_instances)
-    first_invalid = jnp.where(
-        jnp.all(in_range), -1, ids[jnp.argmin(in_range)].astype(jnp.int32)
-    )
+    first_invalid = jnp.where(jnp.all(in_range), -1, ids[jnp.argmin(in_range)].astype(jnp.int32))
     invalid_id = jnp.where(state.invalid_id >= 0, state.invalid_id, first_invalid)
 
     log_lr, log_lr_momentum = state.log_lr, state.log_lr_momentum
@@ -206,13 +201,13 @@ def ddlr(
 
     updates, base_state = base.update(updates, state.base_state, params, **extra_args)
     new_state = DdlrState(
-        count=optax.safe_increment(state.count),
-        log_lr=log_lr,
-        log_lr_momentum=log_lr_momentum,
-        class_log_lr=class_log_lr,
-        class_log_lr_momentum=class_log_lr_momentum,
-        invalid_id=invalid_id,
-        base_state=base_state,
+      count=optax.safe_increment(state.count),
+      log_lr=log_lr,
+      log_lr_momentum=log_lr_momentum,
+      class_log_lr=class_log_lr,
+      class_log_lr_momentum=class_log_lr_momentum,
+      invalid_id=invalid_id,
+      base_state=base_state,
     )
     return updates, new_state
 
@@ -231,9 +226,7 @@ def _instance_step(log_lr, momentum, ids, in_range, hypergrad, *, beta, mu, deca
   direction = summed + decay * current
   if mu > 0.0:
     direction = mu * momentum[safe_ids] + direction
-    momentum = momentum.at[jnp.where(in_range, ids, log_lr.shape[0])].set(
-        direction, mode="drop"
-    )
+    momentum = momentum.at[jnp.where(in_range, ids, log_lr.shape[0])].set(direction, mode="drop")
   new_values = jnp.clip(current - beta * direction, *bounds)
   log_lr = log_lr.at[jnp.where(in_range, ids, log_lr.shape[0])].set(new_values, mode="drop")
   return log_lr, momentum
@@ -271,19 +264,17 @@ def find_ddlr_state(opt_state: optax.OptState) -> DdlrState:
     ValueError: if `opt_state` contains no `DdlrState` or more than one.
   """
   found = [
-      node
-      for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, DdlrState))
-      if isinstance(node, DdlrState)
+    node
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, DdlrState))
+    if isinstance(node, DdlrState)
   ]
   if len(found) != 1:
-    raise ValueError(
-        f"expected exactly one DdlrState in the optimizer state, found {len(found)}."
-    )
+    raise ValueError(f"expected exactly one DdlrState in the optimizer state, found {len(found)}.")
   return found[0]
 
 
 def instance_rates(
-    opt_state: optax.OptState, ids: jax.Array, labels: jax.Array | None = None, *, normalize: bool
+  opt_state: optax.OptState, ids: jax.Array, labels: jax.Array | None = None, *, normalize: bool
 ) -> jax.Array:
   """Returns the learning-rate multipliers `r` [B] of a batch, float32.
 
@@ -307,8 +298,8 @@ def raise_if_invalid_ids(opt_state: optax.OptState) -> None:
   invalid_id = int(state.invalid_id)
   if invalid_id >= 0:
     raise ValueError(
-        f"instance id {invalid_id} is outside [0, {state.log_lr.shape[0]}); "
-        "ids must index the training set."
+      f"instance id {invalid_id} is outside [0, {state.log_lr.shape[0]}); "
+      "ids must index the training set."
     )
 
 
@@ -322,15 +313,15 @@ def find_state_field(opt_state: optax.OptState, state_type: type, field: str) ->
     ValueError: if there is no such node, or more than one.
   """
   found = [
-      node
-      for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
-      if isinstance(node, state_type)
+    node
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
+    if isinstance(node, state_type)
   ]
   if len(found) != 1:
     raise ValueError(
-        f"expected exactly one {state_type.__name__} in the optimizer state, "
-        f"found {len(found)}; this reference or preconditioner needs an "
-        "optimizer that keeps one."
+      f"expected exactly one {state_type.__name__} in the optimizer state, "
+      f"found {len(found)}; this reference or preconditioner needs an "
+      "optimizer that keeps one."
     )
   return getattr(found[0], field)
 
@@ -364,9 +355,7 @@ def _check_batch_args(ids, alignment, labels, num_instances, num_classes):
   if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
     raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}.")
   if alignment.shape != ids.shape:
-    raise ValueError(
-        f"alignment must have the shape of ids {ids.shape}, got {alignment.shape}."
-    )
+    raise ValueError(f"alignment must have the shape of ids {ids.shape}, got {alignment.shape}.")
   if num_classes is not None:
     if labels is None:
       raise ValueError("class rates are enabled (num_classes given), so update needs labels.")
@@ -376,8 +365,8 @@ def _check_batch_args(ids, alignment, labels, num_instances, num_classes):
     bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= num_instances)]
     if bad.size:
       raise ValueError(
-          f"instance id {int(bad[0])} is outside [0, {num_instances}); "
-          "ids must index the training set."
+        f"instance id {int(bad[0])} is outside [0, {num_instances}); "
+        "ids must index the training set."
       )
 
 
@@ -389,4 +378,3 @@ def _check_positive_int(name: str, value: Any) -> None:
 def _check_finite_at_least(name: str, value: float, minimum: float) -> None:
   if not np.isfinite(value) or value < minimum:
     raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")
-

@@ -107,13 +107,13 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
   if settings.enabled:
     labels_for_rates = labels if settings.class_rates else None
     rates = optim.instance_rates(
-        state.opt_state, ids, labels_for_rates, normalize=settings.normalize
+      state.opt_state, ids, labels_for_rates, normalize=settings.normalize
     )
   else:
     rates = jnp.ones([batch_size], jnp.float32)
 
   lin = alignment_lib.linearize_losses(
-      make_loss_fn(model, state.batch_stats, images, labels), state.params
+    make_loss_fn(model, state.batch_stats, images, labels), state.params
   )
   logits, batch_stats = lin.aux
   grads = lin.vjp(rates / batch_size)
@@ -124,7 +124,7 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
         settings=settings,
     )  # fmt: skip
     updates, opt_state = tx.update(
-        grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
+      grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
     )
   else:
     alignment = jnp.zeros([batch_size], jnp.float32)
@@ -132,23 +132,23 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
 
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng
+    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng
   )
 
   metrics = {
-      "train/loss": jnp.mean(lin.losses),
-      "train/weighted_loss": jnp.mean(rates * lin.losses),
-      "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
-      "train/grad_norm": optax.global_norm(grads),
-      "train/update_norm": optax.global_norm(updates),
-      "ddlr/alignment_mean": jnp.mean(alignment),
-      "ddlr/batch_rate_max": jnp.max(rates),
+    "train/loss": jnp.mean(lin.losses),
+    "train/weighted_loss": jnp.mean(rates * lin.losses),
+    "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+    "train/grad_norm": optax.global_norm(grads),
+    "train/update_norm": optax.global_norm(updates),
+    "ddlr/alignment_mean": jnp.mean(alignment),
+    "ddlr/batch_rate_max": jnp.max(rates),
   }
   return new_state, metrics
 
 
 def compute_batch_alignment(
-    state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
+  state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
 ) -> jax.Array:
   """Returns the alignment [B] of each example with the configured reference gradient."""
   precondition = _preconditioner(state.opt_state, settings)
@@ -162,8 +162,8 @@ def compute_batch_alignment(
     first_sum = lin.vjp(rates * first_half)
     second_sum = jax.tree.map(lambda g, f: batch_size * g - f, grads, first_sum)
     tangents = alignment_lib.stack_tangents(
-        precondition(jax.tree.map(lambda s: s / (batch_size - num_first), second_sum)),
-        precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
+      precondition(jax.tree.map(lambda s: s / (batch_size - num_first), second_sum)),
+      precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
     )
     both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
     return jnp.where(first_half, both[0], both[1])
@@ -206,7 +206,7 @@ def lookahead_params(state, grads, ids, labels, tx):
   """
   zeros = jnp.zeros(ids.shape, jnp.float32)
   updates, _ = tx.update(
-      grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=zeros
+    grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=zeros
   )
   return optax.apply_updates(state.params, updates)
 
@@ -214,9 +214,7 @@ def lookahead_params(state, grads, ids, labels, tx):
 def _preconditioner(opt_state, settings):
   if settings.preconditioner == "identity":
     return lambda tree: tree
-  preconditioner = optim.adam_preconditioner(
-      opt_state, b2=settings.adam_b2, eps=settings.adam_eps
-  )
+  preconditioner = optim.adam_preconditioner(opt_state, b2=settings.adam_b2, eps=settings.adam_eps)
   return lambda tree: jax.tree.map(jnp.multiply, preconditioner, tree)
 
 
@@ -229,7 +227,7 @@ def eval_step(params, batch_stats, images, labels, mask, *, model):
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, -1) == labels
   return {
-      "correct": jnp.sum(correct * mask),
-      "loss": jnp.sum(losses * mask),
-      "count": jnp.sum(mask),
+    "correct": jnp.sum(correct * mask),
+    "loss": jnp.sum(losses * mask),
+    "count": jnp.sum(mask),
   }

@@ -24,8 +24,10 @@ def _setup(batch_norm: bool):
   leaves, treedef = jax.tree.flatten(params)
   tangent_keys = jax.random.split(keys[3], 2 * len(leaves))
   tangents = [
-      jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape) for k, x in zip(ks, leaves)])
-      for ks in (tangent_keys[: len(leaves)], tangent_keys[len(leaves) :])
+    jax.tree.unflatten(
+      treedef, [jax.random.normal(k, x.shape) for k, x in zip(ks, leaves, strict=True)]
+    )
+    for ks in (tangent_keys[: len(leaves)], tangent_keys[len(leaves) :])
   ]
   return model, params, loss_fn, alignment_lib.stack_tangents(*tangents)
 
@@ -38,8 +40,7 @@ def test_jvp_and_vmap_alignments_agree(batch_norm):
   def both_paths(params, tangents):
     lin = alignment_lib.linearize_losses(loss_fn, params)
     return tuple(
-        alignment_lib.compute_alignment(lin, tangents, method=method)
-        for method in ("jvp", "vmap")
+      alignment_lib.compute_alignment(lin, tangents, method=method) for method in ("jvp", "vmap")
     )
 
   with_jvp, with_vmap = both_paths(params, tangents)
@@ -73,8 +74,8 @@ def test_single_example_vmap_differs_through_batch_norm():
 
   single = jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0)))(params, images, labels)
   difference = max(
-      float(jnp.max(jnp.abs(a - b)))
-      for a, b in zip(jax.tree.leaves(coupled), jax.tree.leaves(single), strict=True)
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(coupled), jax.tree.leaves(single), strict=True)
   )
   assert difference > 1e-3
 

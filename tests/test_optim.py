@@ -18,8 +18,8 @@ def _problem(seed=0, batch_size=4):
   """A small softmax regression: params, training data and a reference batch."""
   keys = jax.random.split(jax.random.key(seed), 6)
   params = {
-      "w": 0.5 * jax.random.normal(keys[0], (NUM_FEATURES, NUM_CLASSES)),
-      "b": 0.1 * jax.random.normal(keys[1], (NUM_CLASSES,)),
+    "w": 0.5 * jax.random.normal(keys[0], (NUM_FEATURES, NUM_CLASSES)),
+    "b": 0.1 * jax.random.normal(keys[1], (NUM_CLASSES,)),
   }
   inputs = jax.random.normal(keys[2], (NUM_INSTANCES, NUM_FEATURES))
   labels = jax.random.randint(keys[3], (NUM_INSTANCES,), 0, NUM_CLASSES)
@@ -68,7 +68,7 @@ def test_hypergradient_matches_autodiff_through_sgd_step(normalize, target):
 
   rates = optim.instance_rates(state, ids, normalize=normalize)
   lin = alignment_lib.linearize_losses(
-      lambda p: (_losses(p, inputs[ids], labels[ids]), None), params
+    lambda p: (_losses(p, inputs[ids], labels[ids]), None), params
   )
   grads = lin.vjp(rates / len(ids))
   params_after = jax.tree.map(lambda p, g: p - eta * g, params, grads)
@@ -92,15 +92,17 @@ def test_ids_outside_batch_keep_rate_and_momentum():
   params = {"w": jnp.ones(2)}
   state = tx.init(params)
   state = state._replace(
-      log_lr=jnp.arange(6, dtype=jnp.float32) * 0.1,
-      log_lr_momentum=jnp.arange(6, dtype=jnp.float32) * -0.01,
+    log_lr=jnp.arange(6, dtype=jnp.float32) * 0.1,
+    log_lr_momentum=jnp.arange(6, dtype=jnp.float32) * -0.01,
   )
   ids = jnp.array([1, 4])
-  _, new_state = tx.update({"w": jnp.ones(2)}, state, params, ids=ids, alignment=jnp.array([1.0, -2.0]))
+  _, new_state = tx.update(
+    {"w": jnp.ones(2)}, state, params, ids=ids, alignment=jnp.array([1.0, -2.0])
+  )
   untouched = np.array([0, 2, 3, 5])
   np.testing.assert_array_equal(new_state.log_lr[untouched], state.log_lr[untouched])
   np.testing.assert_array_equal(
-      new_state.log_lr_momentum[untouched], state.log_lr_momentum[untouched]
+    new_state.log_lr_momentum[untouched], state.log_lr_momentum[untouched]
   )
   assert not np.any(new_state.log_lr[ids] == state.log_lr[ids])
 
@@ -134,7 +136,9 @@ def test_out_of_range_id_under_jit_is_dropped_and_reported():
   params = {"w": jnp.zeros(1)}
   state = tx.init(params)
   alignment = jnp.array([1.0, -1.0])
-  update = jax.jit(lambda s, ids: tx.update({"w": jnp.zeros(1)}, s, params, ids=ids, alignment=alignment))
+  update = jax.jit(
+    lambda s, ids: tx.update({"w": jnp.zeros(1)}, s, params, ids=ids, alignment=alignment)
+  )
   _, new_state = update(state, jnp.array([1, 7]))
   np.testing.assert_array_equal(new_state.log_lr[jnp.array([0, 2, 3, 4])], 0.0)
   assert float(new_state.log_lr[1]) != 0.0
@@ -202,15 +206,17 @@ def test_matches_numpy_reference_over_ten_steps(normalize):
   state = tx.init(params)
   rng = np.random.default_rng(0)
   steps = [
-      (rng.integers(0, num_instances, size=6), rng.normal(size=6).astype(np.float32))
-      for _ in range(10)
+    (rng.integers(0, num_instances, size=6), rng.normal(size=6).astype(np.float32))
+    for _ in range(10)
   ]
-  update = jax.jit(lambda s, ids, a: tx.update({"w": jnp.zeros(2)}, s, params, ids=ids, alignment=a))
+  update = jax.jit(
+    lambda s, ids, a: tx.update({"w": jnp.zeros(2)}, s, params, ids=ids, alignment=a)
+  )
   for ids, alignment in steps:
     _, state = update(state, jnp.asarray(ids), jnp.asarray(alignment))
   etas = [float(schedule(i)) for i in range(10)]
   expected_log_lr, expected_momentum = _numpy_reference(
-      steps, num_instances, etas=etas, normalize=normalize, **settings
+    steps, num_instances, etas=etas, normalize=normalize, **settings
   )
   assert np.any(expected_log_lr == 0.3) or np.any(expected_log_lr == -0.4)  # clipping exercised
   np.testing.assert_allclose(state.log_lr, expected_log_lr, rtol=1e-5, atol=1e-6)
@@ -227,7 +233,7 @@ def test_class_rates_sum_their_instances():
   labels = jnp.array([0, 2, 0, 2])
   alignment = jnp.array([0.4, -0.8, 0.4, 0.2])
   _, new_state = tx.update(
-      {"w": jnp.zeros(1)}, state, params, ids=jnp.arange(4), labels=labels, alignment=alignment
+    {"w": jnp.zeros(1)}, state, params, ids=jnp.arange(4), labels=labels, alignment=alignment
   )
   # h_i = -s_i / 4; class 1 is absent and keeps its rate.
   np.testing.assert_allclose(new_state.class_log_lr, [0.2, 0.0, -0.15], rtol=1e-6)
@@ -243,19 +249,21 @@ def test_adam_preconditioner_matches_formula():
   grads = {"w": jnp.array([0.5, 3.0])}
   _, state = tx.update(grads, state, params, ids=jnp.array([0]), alignment=jnp.ones(1))
   expected = 1.0 / (np.abs([0.5, 3.0]) + 1e-3)  # nu_hat = g^2 after one step
-  np.testing.assert_allclose(optim.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], expected, rtol=1e-5)
+  np.testing.assert_allclose(
+    optim.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], expected, rtol=1e-5
+  )
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        ({"num_instances": 0}, "num_instances must be a positive integer, got 0"),
-        ({"hyper_learning_rate": -1.0}, "hyper_learning_rate must be finite and >= 0.0, got -1.0"),
-        ({"hyper_momentum": 1.0}, r"hyper_momentum must be in \[0, 1\), got 1.0"),
-        ({"log_lr_min": 1.0, "log_lr_max": 0.0}, "log_lr_min must be below log_lr_max"),
-        ({"hypergradient_scale": "l2"}, "hypergradient_scale must be one of"),
-        ({"instance_rates": False}, "ddlr needs instance_rates=True or num_classes"),
-    ],
+  ("kwargs", "message"),
+  [
+    ({"num_instances": 0}, "num_instances must be a positive integer, got 0"),
+    ({"hyper_learning_rate": -1.0}, "hyper_learning_rate must be finite and >= 0.0, got -1.0"),
+    ({"hyper_momentum": 1.0}, r"hyper_momentum must be in \[0, 1\), got 1.0"),
+    ({"log_lr_min": 1.0, "log_lr_max": 0.0}, "log_lr_min must be below log_lr_max"),
+    ({"hypergradient_scale": "l2"}, "hypergradient_scale must be one of"),
+    ({"instance_rates": False}, "ddlr needs instance_rates=True or num_classes"),
+  ],
 )
 def test_invalid_hyperparameters_raise(kwargs, message):
   arguments = {"num_instances": 3, "learning_rate": 0.1, "hyper_learning_rate": 0.1, **kwargs}
@@ -271,7 +279,7 @@ def test_composes_with_chain_and_inject_hyperparams():
   rates = optim.instance_rates(state, jnp.array([0, 1]), normalize=True)
   np.testing.assert_allclose(rates, [1.0, 1.0])
   updates, state = tx.update(
-      {"w": jnp.ones(3)}, state, params, ids=jnp.array([0, 1]), alignment=jnp.array([1.0, -1.0])
+    {"w": jnp.ones(3)}, state, params, ids=jnp.array([0, 1]), alignment=jnp.array([1.0, -1.0])
   )
   assert optim.find_ddlr_state(state).log_lr[0] > 0 > optim.find_ddlr_state(state).log_lr[1]
 

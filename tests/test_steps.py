@@ -14,15 +14,15 @@ from ddlr.models import SmallCNN
 NUM_INSTANCES, NUM_REFERENCE, BATCH_SIZE, ETA = 16, 8, 6, 0.2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _setup():
   model = SmallCNN(num_classes=3, width=2, hidden=8)
   keys = jax.random.split(jax.random.key(0), 5)
   data = steps.DeviceData(
-      train_images=jax.random.normal(keys[0], (NUM_INSTANCES, 8, 8, 1)),
-      train_labels=jax.random.randint(keys[1], (NUM_INSTANCES,), 0, 3),
-      reference_images=jax.random.normal(keys[2], (NUM_REFERENCE, 8, 8, 1)),
-      reference_labels=jax.random.randint(keys[3], (NUM_REFERENCE,), 0, 3),
+    train_images=jax.random.normal(keys[0], (NUM_INSTANCES, 8, 8, 1)),
+    train_labels=jax.random.randint(keys[1], (NUM_INSTANCES,), 0, 3),
+    reference_images=jax.random.normal(keys[2], (NUM_REFERENCE, 8, 8, 1)),
+    reference_labels=jax.random.randint(keys[3], (NUM_REFERENCE,), 0, 3),
   )
   params = jax.jit(lambda k: model.init(k, data.train_images[:1], train=False))(keys[4])["params"]
   return model, data, params
@@ -35,14 +35,14 @@ def _state(model, params, reference, normalize=True):
   )  # fmt: skip
   opt_state = tx.init(params)
   opt_state = opt_state._replace(
-      log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
+    log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
   )
   state = steps.TrainState(
       step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=opt_state,
       rng=jax.random.key(1),
   )  # fmt: skip
   settings = steps.StepSettings(
-      reference=reference, reference_batch_size=NUM_REFERENCE, normalize=normalize
+    reference=reference, reference_batch_size=NUM_REFERENCE, normalize=normalize
   )
   return tx, state, settings
 
@@ -97,11 +97,11 @@ def test_split_reference_scores_against_other_half():
 
   rates = jnp.exp(state.opt_state.log_lr[ids])
   per_example = jax.jit(
-      jax.jacrev(
-          lambda p: jax.vmap(lambda x, y: _mean_loss(model, p, x[None], y[None]))(
-              data.train_images[ids], data.train_labels[ids]
-          )
+    jax.jacrev(
+      lambda p: jax.vmap(lambda x, y: _mean_loss(model, p, x[None], y[None]))(
+        data.train_images[ids], data.train_labels[ids]
       )
+    )
   )(params)
   flat = jnp.concatenate([g.reshape(BATCH_SIZE, -1) for g in jax.tree.leaves(per_example)], 1)
   weighted = rates[:, None] * flat

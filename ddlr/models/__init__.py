@@ -17,6 +17,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
     ValueError: for an unknown model name.
   """
   if config.name not in MODELS:
-    raise ValueError(f"config.model.name={config.name!r} is unknown; expected one of {sorted(MODELS)}.")
+    raise ValueError(
+      f"config.model.name={config.name!r} is unknown; expected one of {sorted(MODELS)}."
+    )
   kwargs = {key: value for key, value in config.items() if key != "name"}
   return MODELS[config.name](num_classes=num_classes, **kwargs)
