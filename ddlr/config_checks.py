@@ -1,0 +1,83 @@
+"""Validation of experiment configs, so a bad value fails before any work starts."""
+
+import ml_collections
+
+from ddlr import alignment, optim, steps
+from ddlr.models import MODELS
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
+SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+  """A config field has a value that the run cannot use."""
+
+
+def _require_choice(config, path: str, choices) -> None:
+  value = _get(config, path)
+  if value not in choices:
+    raise ConfigError(f"config.{path}={value!r} is invalid; expected one of {list(choices)}.")
+
+
+def _require_range(config, path: str, low: float, high: float | None = None, *, integer=False):
+  value = _get(config, path)
+  kind = int if integer else (int, float)
+  if isinstance(value, bool) or not isinstance(value, kind):
+    raise ConfigError(f"config.{path}={value!r} is invalid; expected a number.")
+  if value < low or (high is not None and value > high):
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+    raise ConfigError(f"config.{path}={value!r} is invalid; expected a value {bound}.")
+
+
+def _get(config, path: str):
+  node = config
+  for part in path.split("."):
+    if part not in node:
+      raise ConfigError(f"config.{path} is missing; the config must define it.")
+    node = node[part]
+  return node
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks the model, optimizer, ddlr, train and eval sections of `config`.
+
+  The data section is validated where the data is loaded.
+
+  Raises:
+    ConfigError: naming the first invalid field, its value and what was expected.
+  """
+  _require_choice(config, "model.name", sorted(MODELS))
+  _require_choice(config, "optimizer.name", OPTIMIZERS)
+  _require_choice(config, "optimizer.schedule", SCHEDULES)
+  _require_range(config, "optimizer.learning_rate", 0.0)
+  _require_range(config, "optimizer.warmup_epochs", 0.0)
+  _require_range(config, "optimizer.momentum", 0.0, 1.0)
+  _require_range(config, "optimizer.weight_decay", 0.0)
+
+  _require_choice(config, "ddlr.reference", steps.REFERENCES)
+  _require_choice(config, "ddlr.reference_at", steps.REFERENCE_POINTS)
+  _require_choice(config, "ddlr.alignment", alignment.ALIGNMENT_METHODS)
+  _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)
+  _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
+  _require_range(config, "ddlr.hyper_learning_rate", 0.0)
+  _require_range(config, "ddlr.hyper_momentum", 0.0, 0.999)
+  _require_range(config, "ddlr.log_lr_decay", 0.0)
+  if config.ddlr.enabled and not (config.ddlr.instance_rates or config.ddlr.class_rates):
+    raise ConfigError(
+      "config.ddlr.enabled=True needs instance_rates or class_rates; "
+      "set config.ddlr.enabled=False for the uniform baseline."
+    )
+  if config.ddlr.enabled and config.ddlr.reference == "momentum":
+    if config.optimizer.name == "sgd":
+      raise ConfigError(
+        "config.ddlr.reference='momentum' needs a momentum buffer; "
+        "config.optimizer.name='sgd' keeps none."
+      )
+  if config.ddlr.enabled and config.ddlr.reference == "split":
+    if config.train.batch_size < 2:
+      raise ConfigError("config.ddlr.reference='split' needs config.train.batch_size >= 2.")
+
+  _require_range(config, "train.num_epochs", 1, integer=True)
+  _require_range(config, "train.batch_size", 1, integer=True)
+  _require_range(config, "train.log_every_steps", 1, integer=True)
+  _require_range(config, "eval.batch_size", 1, integer=True)

@@ -1,0 +1,112 @@
+r"""Command-line entry point: trains and evaluates one experiment config.
+
+  python -m ddlr.main --config=configs/default.py --workdir=runs/default \
+    --config.train.num_epochs=4
+
+Any config field can be overridden with `--config.<field>=<value>`. Errors in
+the config, the data or the run's numerics end the program with one line on
+standard error and exit status 1.
+"""
+
+import importlib.util
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddlr import train
+from ddlr.config_checks import ConfigError
+from ddlr.data import DataError
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, rates and plots.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Returns a message naming the first `--config.<field>` override the config lacks."""
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    return None
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("ddlr_config_file", path)
+  if spec is None or spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+  except Exception:  # noqa: BLE001 - the original parse error is reported instead
+    return None
+  for argument in argv:
+    if not argument.startswith("--config."):
+      continue
+    field = argument.removeprefix("--config.").split("=", 1)[0]
+    node = config
+    for depth, part in enumerate(field.split(".")):
+      if not hasattr(node, "keys") or part not in node:
+        parent = ".".join(field.split(".")[:depth]) or "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+        return f"--config.{field}: {parent} has no field {part!r}; its fields are: {known}."
+      node = node[part]
+  return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the command line, turning a bad config file or override into one error line."""
+  try:
+    remaining = FLAGS(argv)
+    # The config file is loaded lazily; loading it here reports a missing or
+    # broken file before any work starts.
+    FLAGS.config.keys()
+    return remaining
+  except OSError as error:
+    print(f"error: {' '.join(line.strip() for line in str(error).splitlines())}", file=sys.stderr)
+    sys.exit(1)
+  except flags.Error as error:
+    # A config file that raises is reported with its whole traceback; the
+    # first line names the flag and the last one the exception.
+    lines = str(error).strip().splitlines()
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    # config_flags applies --config.<field>=<value> while parsing, so an
+    # unknown field or a value of the wrong type surfaces here.
+    message = _unknown_override(argv) or f"cannot load the config: {error}"
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  # TensorFlow is only the input pipeline; it must not take the accelerator.
+  import tensorflow as tf  # noqa: PLC0415
+
+  tf.config.set_visible_devices([], "GPU")
+  logging.set_verbosity(logging.INFO)
+  if not FLAGS.workdir.strip():
+    print("error: --workdir is empty; give the directory for the run's outputs.", file=sys.stderr)
+    sys.exit(1)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, DataError, train.NonFiniteLossError, OSError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  print(
+    f"last-epoch test accuracy {summary['last_epoch_test_accuracy']:.4f} | "
+    f"best-epoch test accuracy {summary['best_epoch_test_accuracy']:.4f} "
+    f"(epoch {summary['best_epoch']})"
+  )
+  if "auroc" in summary:
+    print(
+      f"AUROC of learned rates (clean above noisy) {summary['auroc']:.4f} | "
+      f"noisy share of the 10% lowest rates {summary['noisy_precision_lowest_10pct']:.3f}"
+    )
+  print(f"outputs in {FLAGS.workdir}")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

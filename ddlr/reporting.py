@@ -1,0 +1,107 @@
+"""What a run writes: metrics a person can plot, progress lines and final outputs."""
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from ddlr import analysis
+
+
+class MetricsLog:
+  """Writes scalars to TensorBoard event files, to `metrics.jsonl` and to the log."""
+
+  def __init__(self, workdir: str):
+    # The progress line already shows these scalars, so only event files are written here.
+    self._writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
+    self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    """Appends one record of `scalars` at `step` to every sink."""
+    scalars = {key: float(value) for key, value in scalars.items()}
+    self._writer.write_scalars(step, scalars)
+    with open(self._jsonl_path, "a") as f:
+      f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+  def close(self) -> None:
+    """Flushes and closes the event files."""
+    self._writer.flush()
+    self._writer.close()
+
+
+class Progress:
+  """Measures steps per second and the time left between two log lines."""
+
+  def __init__(self, total_steps: int, batch_size: int, first_step: int = 0):
+    self._total_steps = total_steps
+    self._batch_size = batch_size
+    self._last_step = first_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    """Returns steps/s, examples/s and the estimated seconds left at `step`."""
+    now = time.perf_counter()
+    steps_per_second = (step - self._last_step) / max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    return {
+      "steps_per_second": steps_per_second,
+      "examples_per_second": steps_per_second * self._batch_size,
+      "eta_seconds": (self._total_steps - step) / max(steps_per_second, 1e-9),
+    }
+
+
+def format_duration(seconds: float) -> str:
+  """Formats seconds as `1h02m`, `3m05s` or `12s`."""
+  seconds = int(round(seconds))
+  if seconds >= 3600:
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+  if seconds >= 60:
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+  return f"{seconds}s"
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Writes `payload` as indented JSON, replacing the file atomically."""
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(temporary, path)
+
+
+def rate_report(log_lr, class_log_lr, data) -> dict[str, float]:
+  """Returns rate statistics and, for noisy data, how well the rates find the noise.
+
+  `auroc` is the probability that a clean instance has a higher rate than a
+  noisy one; `noisy_precision_lowest_10pct` is the share of noisy instances
+  among the 10% lowest rates.
+  """
+  report = analysis.rate_summary(log_lr, data.labels, data.num_classes)
+  if class_log_lr is not None and len(class_log_lr):
+    for label, value in enumerate(np.exp(class_log_lr)):
+      report[f"class_{label}_class_rate"] = float(value)
+  if data.is_noisy.any() and not data.is_noisy.all():
+    report["auroc"] = analysis.auroc(log_lr, ~data.is_noisy)
+    report["noisy_precision_lowest_10pct"] = analysis.precision_of_lowest(
+      log_lr, data.is_noisy, 0.1
+    )
+  return report
+
+
+def save_rates(path: str, log_lr, class_log_lr, data) -> None:
+  """Writes the final per-instance rates with the labels and the corruption mask (.npz)."""
+  np.savez(
+    path,
+    ids=np.arange(len(data.labels)),
+    log_lr=np.asarray(log_lr),
+    rate=np.exp(np.asarray(log_lr)),
+    class_log_lr=np.asarray(class_log_lr),
+    labels=data.labels,
+    true_labels=data.true_labels,
+    is_noisy=data.is_noisy,
+    source_index=data.source_index,
+  )
+  logging.info("Saved the per-instance rates to %s.", path)

@@ -1,0 +1,66 @@
+"""Command-line errors end with one line on standard error, not a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_main(tmp_path, *overrides):
+  command = [
+      sys.executable, "-m", "ddlr.main", "--config=configs/default.py:quick",
+      f"--workdir={tmp_path / 'run'}", *overrides,
+  ]  # fmt: skip
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (
+      ["--config.train.epochs=3"],
+      "error: --config.train.epochs: train has no field 'epochs'; its fields are: "
+      "batch_size, log_every_steps, num_epochs.",
+    ),
+    (
+      ["--config.data.name=imagenet21k"],
+      "error: unknown dataset name 'imagenet21k'. Expected one of mnist, fashion_mnist, "
+      "cifar10, cifar100",
+    ),
+    (
+      ["--config.data.source=idx", "--config.data.manual_dir=/nonexistent/fashion"],
+      "error: manual_dir directory not found: /nonexistent/fashion",
+    ),
+    (
+      ["--config.ddlr.reference=oracle"],
+      "error: config.ddlr.reference='oracle' is invalid; expected one of "
+      "['batch', 'lookahead', 'split', 'momentum', 'reference'].",
+    ),
+  ],
+)
+def test_bad_input_prints_one_error_line(tmp_path, overrides, message):
+  result = _run_main(tmp_path, *overrides)
+  assert result.returncode == 1
+  assert _error_lines(result.stderr) == [message]
+  assert "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
+  # Reads the raw files of Debian's dataset-fashion-mnist (scripts/setup.sh installs it).
+  result = _run_main(
+      tmp_path, "--config.data.source=idx", "--config.optimizer.learning_rate=1e30",
+      "--config.optimizer.schedule=constant",
+  )  # fmt: skip
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line.startswith("error: non-finite training loss or gradient at step 2 (epoch 1)")
+  assert "Traceback" not in result.stderr
+  for name in ("config.json", "split_record.npz", "metrics.jsonl"):
+    assert os.path.exists(tmp_path / "run" / name), name

@@ -1,0 +1,95 @@
+"""End-to-end runs of `train_and_evaluate` on mocked tfds data."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from ddlr import train
+from ddlr.config_checks import ConfigError
+
+
+def _tiny_config(**overrides):
+  config = default.get_config("quick")
+  config.data.num_train = 0
+  config.data.num_test = 0
+  config.data.reference_size = 10
+  config.ddlr.reference_batch_size = 8
+  config.train.num_epochs = 1
+  config.train.batch_size = 32
+  config.train.log_every_steps = 1
+  config.eval.batch_size = 50
+  config.model.width = 4
+  for path, value in overrides.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  return config
+
+
+def test_ddlr_run_writes_every_output(tmp_path):
+  workdir = str(tmp_path / "run")
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(_tiny_config(), workdir)
+
+  expected_files = [
+      "config.json", "split_record.npz", "metrics.jsonl", "rates.npz",
+      "rates_histogram.png", "summary.json",
+  ]  # fmt: skip
+  for name in expected_files:
+    assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+  assert any(name.startswith("events.out.tfevents") for name in os.listdir(workdir))
+
+  # 90 training instances after holding out 10, batch 32: two steps of 32.
+  rates = np.load(os.path.join(workdir, "rates.npz"))
+  assert rates["log_lr"].shape == (90,)
+  assert np.count_nonzero(rates["log_lr"]) == 64
+  np.testing.assert_array_equal(rates["is_noisy"], rates["labels"] != rates["true_labels"])
+  assert 0.0 <= summary["last_epoch_test_accuracy"] <= 1.0
+  assert summary["best_epoch_test_accuracy"] >= summary["last_epoch_test_accuracy"]
+  assert 0.0 <= summary["auroc"] <= 1.0
+  with open(os.path.join(workdir, "summary.json")) as f:
+    assert json.load(f)["auroc"] == summary["auroc"]
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+  assert [r["eval/accuracy"] for r in records if "eval/accuracy" in r] == [
+    summary["last_epoch_test_accuracy"]
+  ]
+
+
+def test_uniform_baseline_run(tmp_path):
+  workdir = str(tmp_path / "uniform")
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(_tiny_config(**{"ddlr.enabled": False}), workdir)
+  assert "auroc" not in summary
+  assert not os.path.exists(os.path.join(workdir, "rates.npz"))
+  assert 0.0 <= summary["last_epoch_test_accuracy"] <= 1.0
+
+
+def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
+  workdir = str(tmp_path / "diverged")
+  config = _tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant"})
+  with tfds.testing.mock_data(num_examples=100):
+    with pytest.raises(train.NonFiniteLossError, match=r"at step 2 \(epoch 1\)"):
+      train.train_and_evaluate(config, workdir)
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  assert os.path.exists(os.path.join(workdir, "split_record.npz"))
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert json.loads(f.readline())["step"] == 1
+
+
+@pytest.mark.parametrize(
+  ("path", "value", "message"),
+  [
+    ("ddlr.reference", "oracle", r"config.ddlr.reference='oracle' is invalid"),
+    ("ddlr.alignment", "exact", r"config.ddlr.alignment='exact' is invalid"),
+    ("optimizer.name", "lion", r"config.optimizer.name='lion' is invalid"),
+    ("train.batch_size", 0, r"config.train.batch_size=0 is invalid"),
+  ],
+)
+def test_invalid_config_value_raises(tmp_path, path, value, message):
+  with pytest.raises(ConfigError, match=message):
+    train.train_and_evaluate(_tiny_config(**{path: value}), str(tmp_path))
