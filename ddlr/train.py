@@ -265,6 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
       test = evaluate(eval_fn, state, data.test_images, data.test_labels, config.eval.batch_size)
       history.append(test["accuracy"])
+      last_test_loss = test["loss"]
       metrics_log.write(
         (epoch) * steps_per_epoch,
         {"eval/accuracy": test["accuracy"], "eval/loss": test["loss"], "epoch": epoch},
@@ -282,6 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "best_epoch_test_accuracy": max(history),
     "best_epoch": int(np.argmax(history)) + 1,
     "test_accuracy_per_epoch": history,
+    "last_epoch_test_loss": last_test_loss,
     "final_train_loss": averaged["train/loss"],
     # The first epoch includes compilation, so the median is the steady rate.
     "seconds_per_step": float(np.median(step_times)),
