@@ -81,6 +81,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.num_epochs = 8
   config.train.batch_size = 128
   config.train.log_every_steps = 100
+  # Stop (with a checkpoint) after this many steps, 0 for no limit; rerunning
+  # the same command continues, e.g. under a job time limit.
+  config.train.stop_after_steps = 0
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every_steps = 1000  # also at the end of every epoch; 0 for epoch ends only
+  config.checkpoint.max_to_keep = 2
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000

@@ -80,4 +80,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "train.num_epochs", 1, integer=True)
   _require_range(config, "train.batch_size", 1, integer=True)
   _require_range(config, "train.log_every_steps", 1, integer=True)
+  _require_range(config, "train.stop_after_steps", 0, integer=True)
+  _require_range(config, "checkpoint.every_steps", 0, integer=True)
+  _require_range(config, "checkpoint.max_to_keep", 1, integer=True)
   _require_range(config, "eval.batch_size", 1, integer=True)

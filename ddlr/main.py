@@ -14,11 +14,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlr import train
+from ddlr import checkpoint, train
 from ddlr.config_checks import ConfigError
 from ddlr.data import DataError
 
 FLAGS = flags.FLAGS
+_CHATTY_LIBRARIES = ("orbax", "tensorflow_datasets")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, rates and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -87,14 +88,30 @@ def main(argv: list[str]) -> None:
 
   tf.config.set_visible_devices([], "GPU")
   logging.set_verbosity(logging.INFO)
+  # Orbax and tfds log every file operation at INFO; their warnings still show.
+  logging.get_absl_handler().addFilter(
+    lambda record: (
+      record.levelno > logging.converter.STANDARD_INFO
+      or not any(name in record.pathname for name in _CHATTY_LIBRARIES)
+    )
+  )
   if not FLAGS.workdir.strip():
     print("error: --workdir is empty; give the directory for the run's outputs.", file=sys.stderr)
     sys.exit(1)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ConfigError, DataError, train.NonFiniteLossError, OSError) as error:
+  except (
+    ConfigError,
+    DataError,
+    checkpoint.ResumeError,
+    train.NonFiniteLossError,
+    OSError,
+  ) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
+  if not summary["completed"]:
+    print(f"stopped after step {summary['step']}; rerun the same command to continue.")
+    return
   print(
     f"last-epoch test accuracy {summary['last_epoch_test_accuracy']:.4f} | "
     f"best-epoch test accuracy {summary['best_epoch_test_accuracy']:.4f} "

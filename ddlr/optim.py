@@ -28,10 +28,10 @@ class DdlrState(NamedTuple):
   """State of the `ddlr` transformation."""
 
   count: jax.Array  # [] int32, number of updates taken
-  log_lr: jax.Array  # [num_instances] float32, a_i; [0] when instance rates are off
-  log_lr_momentum: jax.Array  # same shape as log_lr; [0] without hyper momentum
-  class_log_lr: jax.Array  # [num_classes] float32, b_c; [0] when class rates are off
-  class_log_lr_momentum: jax.Array  # same shape as class_log_lr; [0] without momentum
+  log_lr: jax.Array | None  # [num_instances] float32, a_i; None when instance rates are off
+  log_lr_momentum: jax.Array | None  # like log_lr; None without hyper momentum
+  class_log_lr: jax.Array | None  # [num_classes] float32, b_c; None when class rates are off
+  class_log_lr_momentum: jax.Array | None  # like class_log_lr; None without hyper momentum
   invalid_id: jax.Array  # [] int32, first out-of-range id seen under jit, -1 if none
   base_state: optax.OptState
 
@@ -156,14 +156,12 @@ def ddlr(
   learning_rate_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init_fn(params):
-    table_size = num_instances if instance_rates else 0
-    class_size = num_classes or 0
     return DdlrState(
       count=jnp.zeros([], jnp.int32),
-      log_lr=jnp.full([table_size], init_log_lr, jnp.float32),
-      log_lr_momentum=jnp.zeros([table_size if use_momentum else 0], jnp.float32),
-      class_log_lr=jnp.zeros([class_size], jnp.float32),
-      class_log_lr_momentum=jnp.zeros([class_size if use_momentum else 0], jnp.float32),
+      log_lr=_table(instance_rates and num_instances, init_log_lr),
+      log_lr_momentum=_table(instance_rates and use_momentum and num_instances, 0.0),
+      class_log_lr=_table(num_classes, 0.0),
+      class_log_lr_momentum=_table(use_momentum and num_classes, 0.0),
       invalid_id=jnp.full([], -1, jnp.int32),
       base_state=base.init(params),
     )
@@ -214,6 +212,11 @@ def ddlr(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+def _table(size, value: float) -> jax.Array | None:
+  # Disabled tables are None rather than empty arrays, which checkpoints cannot store.
+  return jnp.full([size], value, jnp.float32) if size else None
+
+
 def _instance_step(log_lr, momentum, ids, in_range, hypergrad, *, beta, mu, decay, bounds):
   """Takes one hyper-optimizer step on the rows `ids` of the instance table."""
   # Summing over equal ids makes duplicates take one step with their summed
@@ -247,9 +250,9 @@ def _class_step(class_log_lr, momentum, labels, hypergrad, *, beta, mu, decay, b
 
 def _batch_rates(state: DdlrState, ids, labels, normalize: bool) -> jax.Array:
   exponent = jnp.zeros(ids.shape, jnp.float32)
-  if state.log_lr.shape[0]:
+  if state.log_lr is not None:
     exponent = exponent + state.log_lr[jnp.clip(ids, 0, state.log_lr.shape[0] - 1)]
-  if state.class_log_lr.shape[0]:
+  if state.class_log_lr is not None:
     exponent = exponent + state.class_log_lr[labels]
   rates = jnp.exp(exponent)
   if normalize:
@@ -283,7 +286,7 @@ def instance_rates(
   not validated here; `update` validates them.
   """
   state = find_ddlr_state(opt_state)
-  if state.class_log_lr.shape[0] and labels is None:
+  if state.class_log_lr is not None and labels is None:
     raise ValueError("class rates are enabled, so instance_rates needs labels.")
   return _batch_rates(state, jnp.asarray(ids), labels, normalize)
 
@@ -297,9 +300,9 @@ def raise_if_invalid_ids(opt_state: optax.OptState) -> None:
   state = find_ddlr_state(opt_state)
   invalid_id = int(state.invalid_id)
   if invalid_id >= 0:
+    bound = "num_instances" if state.log_lr is None else state.log_lr.shape[0]
     raise ValueError(
-      f"instance id {invalid_id} is outside [0, {state.log_lr.shape[0]}); "
-      "ids must index the training set."
+      f"instance id {invalid_id} is outside [0, {bound}); ids must index the training set."
     )
 
 

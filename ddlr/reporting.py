@@ -80,7 +80,7 @@ def rate_report(log_lr, class_log_lr, data) -> dict[str, float]:
   among the 10% lowest rates.
   """
   report = analysis.rate_summary(log_lr, data.labels, data.num_classes)
-  if class_log_lr is not None and len(class_log_lr):
+  if class_log_lr is not None:
     for label, value in enumerate(np.exp(class_log_lr)):
       report[f"class_{label}_class_rate"] = float(value)
   if data.is_noisy.any() and not data.is_noisy.all():
@@ -98,7 +98,7 @@ def save_rates(path: str, log_lr, class_log_lr, data) -> None:
     ids=np.arange(len(data.labels)),
     log_lr=np.asarray(log_lr),
     rate=np.exp(np.asarray(log_lr)),
-    class_log_lr=np.asarray(class_log_lr),
+    class_log_lr=np.zeros(0, np.float32) if class_log_lr is None else np.asarray(class_log_lr),
     labels=data.labels,
     true_labels=data.true_labels,
     is_noisy=data.is_noisy,

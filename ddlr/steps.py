@@ -144,7 +144,20 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     "ddlr/alignment_mean": jnp.mean(alignment),
     "ddlr/batch_rate_max": jnp.max(rates),
   }
+  if settings.enabled:
+    metrics["ddlr/rates_finite"] = _batch_rates_finite(opt_state, ids, labels)
   return new_state, metrics
+
+
+def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:
+  """Returns whether the batch's updated log rates are all finite (a bool scalar)."""
+  state = optim.find_ddlr_state(opt_state)
+  finite = jnp.array(True)
+  if state.log_lr is not None:
+    finite &= jnp.all(jnp.isfinite(state.log_lr[ids]))
+  if state.class_log_lr is not None:
+    finite &= jnp.all(jnp.isfinite(state.class_log_lr[labels]))
+  return finite
 
 
 def compute_batch_alignment(

@@ -7,11 +7,13 @@ is dropped so that every step has the same shape; evaluation covers every test
 example.
 """
 
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddlr import analysis, optim, reporting, steps
+from ddlr import analysis, checkpoint, optim, reporting, steps
 from ddlr import data as data_lib
 from ddlr.config_checks import validate_config
 from ddlr.models import create_model
@@ -128,12 +130,16 @@ def evaluate(eval_fn, state, images, labels, batch_size) -> dict[str, float]:
 
 def _check_finite(step_metrics: list[dict], first_step: int, epoch: int) -> None:
   for offset, metrics in enumerate(step_metrics):
-    if not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["train/grad_norm"])):
+    finite = all(
+      math.isfinite(metrics[key]) for key in ("train/loss", "train/grad_norm", "train/update_norm")
+    ) and bool(metrics.get("ddlr/rates_finite", True))
+    if not finite:
       raise NonFiniteLossError(
-        f"non-finite training loss or gradient at step {first_step + offset + 1} "
-        f"(epoch {epoch}): loss={metrics['train/loss']}, "
-        f"grad_norm={metrics['train/grad_norm']}. Stopping; what the run wrote "
-        "before this step is kept."
+        f"non-finite training loss, gradient, update or rate at step "
+        f"{first_step + offset + 1} (epoch {epoch}): loss={metrics['train/loss']}, "
+        f"grad_norm={metrics['train/grad_norm']}, "
+        f"update_norm={metrics['train/update_norm']}. Stopping; the checkpoints and "
+        "outputs written before this step are kept."
       )
 
 
@@ -155,37 +161,99 @@ def _log_progress(step, total_steps, epoch, metrics, rate_stats, speed, learning
 def _table_rate_stats(opt_state) -> dict[str, float]:
   """Returns quantiles of the instance multipliers (one device-to-host copy)."""
   state = optim.find_ddlr_state(opt_state)
-  if not state.log_lr.shape[0]:
+  if state.log_lr is None:
     return {}
   quantiles = jnp.exp(jnp.quantile(state.log_lr, jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])))
   names = ("rate_min", "rate_q10", "rate_median", "rate_q90", "rate_max")
   return {f"ddlr/{name}": float(value) for name, value in zip(names, quantiles, strict=True)}
 
 
+@dataclasses.dataclass
+class _Run:
+  """What the training loop needs, built once per process."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  data: data_lib.TrainingData
+  device_data: steps.DeviceData
+  learning_rate: optax.Schedule
+  train_fn: Any
+  eval_fn: Any
+  steps_per_epoch: int
+  total_steps: int
+  order_rng: jax.Array
+  num_params: int
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the configured model, evaluates after every epoch and writes the outputs.
 
-  Writes to `workdir`: `config.json`, `split_record.npz`, `metrics.jsonl` and
-  TensorBoard event files, `rates.npz`, `rates_histogram.png` and
-  `summary.json`.
+  Rerunning with the same workdir resumes from its latest checkpoint. Writes
+  to `workdir`: `config.json`, `split_record.npz`, `checkpoints/`,
+  `metrics.jsonl` and TensorBoard event files, and at the end `rates.npz`,
+  `rates_histogram.png` and `summary.json`.
 
   Returns:
     The summary: last- and best-epoch test accuracy, rate statistics, AUROC of
-    the rates against the corruption mask, and timing.
+    the rates against the corruption mask, and timing. A run stopped by
+    `config.train.stop_after_steps` returns `{"completed": False, "step": ...}`.
+
+  Raises:
+    ConfigError, DataError, checkpoint.ResumeError: for invalid input.
+    NonFiniteLossError: when the loss diverges; the last checkpoint is kept.
   """
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   logging.info("Config:\n%s", config)
-  reporting.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json()))
+  manager = checkpoint.create_manager(workdir, config.checkpoint.max_to_keep)
+  try:
+    resuming = manager.latest_step() is not None
+    config_path = os.path.join(workdir, "config.json")
+    if resuming and os.path.exists(config_path):
+      checkpoint.check_resumable_config(config_path, config)
+    data = _load_data(config, workdir, resuming)
+    run, state = _build(config, workdir, data)
+    reporting.write_json(config_path, json.loads(config.to_json()))
 
-  # Stage 1: data, held on the device.
+    loop = checkpoint.LoopRecord(num_instances=len(data.labels))
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if resuming:
+      state, loop = checkpoint.restore_latest(manager, state, len(data.labels))
+    elif os.path.exists(metrics_path):
+      logging.warning(
+        "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path
+      )
+    checkpoint.truncate_metrics(metrics_path, int(state.step))
+    state, completed = _train(run, state, loop, manager)
+  finally:
+    manager.close()
+  if not completed:
+    return {"completed": False, "step": int(state.step)}
+  return _write_final_outputs(run, state, loop)
+
+
+def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
+  """Loads the dataset and records its split, or checks it against the record when resuming."""
   data = data_lib.load_dataset(config.data)
-  data_lib.save_split_record(data, os.path.join(workdir, "split_record.npz"))
-  num_instances = len(data.labels)
+  record_path = os.path.join(workdir, "split_record.npz")
+  if resuming and os.path.exists(record_path):
+    saved = data_lib.load_split_record(record_path)
+    same = (
+      np.array_equal(saved.is_noisy, data.is_noisy)
+      and np.array_equal(saved.labels, data.labels)
+      and np.array_equal(saved.reference_source_index, data.reference_source_index)
+    )
+    if not same:
+      raise checkpoint.ResumeError(
+        f"{record_path} records a different split (noise mask, labels or reference ids) "
+        "than this config produces, so the run cannot be resumed; use a new --workdir."
+      )
+  else:
+    data_lib.save_split_record(data, record_path)
   logging.info(
-      "Data: %d training instances (%.1f%% corrupted, %s), %d reference, %d test, %d classes.",
-      num_instances, 100 * data.noise_rate, config.data.noise.kind,
-      len(data.reference_labels), len(data.test_labels), data.num_classes,
+    "Data: %d training instances (%.1f%% corrupted, %s), %d reference, %d test, %d classes.",
+    len(data.labels), 100 * data.noise_rate, config.data.noise.kind,
+    len(data.reference_labels), len(data.test_labels), data.num_classes,
   )  # fmt: skip
   if (
     config.ddlr.enabled and config.ddlr.reference == "reference" and not len(data.reference_labels)
@@ -194,14 +262,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       "config.ddlr.reference='reference' needs a reference split; "
       "set config.data.reference_size > 0."
     )
-  device_data = steps.DeviceData(
-    train_images=jnp.asarray(data.images),
-    train_labels=jnp.asarray(data.labels),
-    reference_images=jnp.asarray(data.reference_images),
-    reference_labels=jnp.asarray(data.reference_labels),
-  )
+  return data
 
-  # Stage 2: model, optimizer and jitted steps.
+
+def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
+  """Builds the model, optimizer, jitted steps and the initial train state."""
+  num_instances = len(data.labels)
   batch_size = config.train.batch_size
   steps_per_epoch = num_instances // batch_size
   if steps_per_epoch == 0:
@@ -218,89 +284,163 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = create_train_state(model, tx, data.images[:1], rng)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %d parameters.", config.model.name, num_params)
-  train_fn = jax.jit(
-    functools.partial(steps.train_step, model=model, tx=tx, settings=step_settings(config)),
-    donate_argnums=0,
+  run = _Run(
+    config=config,
+    workdir=workdir,
+    data=data,
+    device_data=steps.DeviceData(
+      train_images=jnp.asarray(data.images),
+      train_labels=jnp.asarray(data.labels),
+      reference_images=jnp.asarray(data.reference_images),
+      reference_labels=jnp.asarray(data.reference_labels),
+    ),
+    learning_rate=learning_rate,
+    train_fn=jax.jit(
+      functools.partial(steps.train_step, model=model, tx=tx, settings=step_settings(config)),
+      donate_argnums=0,
+    ),
+    eval_fn=jax.jit(functools.partial(steps.eval_step, model=model)),
+    steps_per_epoch=steps_per_epoch,
+    total_steps=total_steps,
+    order_rng=jax.random.fold_in(rng, 1),
+    num_params=int(num_params),
   )
-  eval_fn = jax.jit(functools.partial(steps.eval_step, model=model))
+  return run, state
 
-  # Stage 3: the epochs.
-  metrics_log = reporting.MetricsLog(workdir)
-  progress = reporting.Progress(total_steps, batch_size)
-  order_rng = jax.random.fold_in(rng, 1)
-  history, step_times = [], []
-  pending, pending_first = [], 0
+
+def epoch_batches(order_rng, epoch: int, num_instances: int, batch_size: int) -> jax.Array:
+  """Returns the instance ids of every batch of `epoch`, [steps_per_epoch, batch_size].
+
+  The order depends only on the seed and the epoch, so a resumed run sees the
+  same batches as an uninterrupted one.
+  """
+  order = jax.random.permutation(jax.random.fold_in(order_rng, epoch), num_instances)
+  steps_per_epoch = num_instances // batch_size
+  return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
+
+
+def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any, bool]:
+  """Runs the remaining steps; returns the state and whether all epochs finished."""
+  config = run.config
+  start_step = int(state.step)
+  first_epoch = start_step // run.steps_per_epoch + 1
+  if len(loop.test_accuracy) != first_epoch - 1:
+    raise checkpoint.ResumeError(
+      f"the checkpoint at step {start_step} records {len(loop.test_accuracy)} evaluated "
+      f"epochs, expected {first_epoch - 1}; the checkpoint directory is inconsistent."
+    )
+  if start_step:
+    logging.info("Resuming at step %d (epoch %d).", start_step, first_epoch)
+  every_steps, stop_after = config.checkpoint.every_steps, config.train.stop_after_steps
+  metrics_log = reporting.MetricsLog(run.workdir)
+  progress = reporting.Progress(run.total_steps, config.train.batch_size, first_step=start_step)
+  pending = []
   try:
-    for epoch in range(1, config.train.num_epochs + 1):
-      epoch_start = time.perf_counter()
-      order = jax.random.permutation(jax.random.fold_in(order_rng, epoch), num_instances)
-      batches = order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
-      for index in range(steps_per_epoch):
-        step = (epoch - 1) * steps_per_epoch + index
-        state, step_metrics = train_fn(state, device_data, batches[index])
-        if not pending:
-          pending_first = step
+    for epoch in range(first_epoch, config.train.num_epochs + 1):
+      epoch_start, epoch_first_step = time.perf_counter(), int(state.step)
+      batches = epoch_batches(run.order_rng, epoch, len(run.data.labels), config.train.batch_size)
+      for index in range(int(state.step) - (epoch - 1) * run.steps_per_epoch, run.steps_per_epoch):
+        step = (epoch - 1) * run.steps_per_epoch + index + 1  # steps done after this one
+        state, step_metrics = run.train_fn(state, run.device_data, batches[index])
         pending.append(step_metrics)
-        if (step + 1) % config.train.log_every_steps == 0 or index == steps_per_epoch - 1:
-          pending = jax.device_get(pending)
-          _check_finite(pending, pending_first, epoch)
-          if config.ddlr.enabled:
-            optim.raise_if_invalid_ids(state.opt_state)
-          averaged = {key: float(np.mean([m[key] for m in pending])) for key in pending[0]}
-          rate_stats = _table_rate_stats(state.opt_state) if config.ddlr.enabled else {}
-          speed = progress.update(step + 1)
-          lr_now = float(learning_rate(step))
-          metrics_log.write(
-              step + 1,
-              {**averaged, **rate_stats, "train/learning_rate": lr_now,
-               "train/steps_per_second": speed["steps_per_second"]},
-          )  # fmt: skip
-          _log_progress(
-              step + 1, total_steps, epoch, averaged,
-              {k.removeprefix("ddlr/"): v for k, v in rate_stats.items()}, speed, lr_now,
-          )  # fmt: skip
+        epoch_end = index == run.steps_per_epoch - 1
+        save_due = (every_steps and step % every_steps == 0 and not epoch_end) or step == stop_after
+        if step % config.train.log_every_steps == 0 or epoch_end or save_due:
+          loop.last_train_loss = _report_steps(
+            run, state, pending, step, epoch, metrics_log, progress
+          )
           pending = []
+        if save_due:
+          checkpoint.save(manager, state, loop)
+        if step == stop_after:
+          logging.info("Stopping after step %d as config.train.stop_after_steps asks.", step)
+          return state, False
       jax.block_until_ready(state)
-      step_times.append((time.perf_counter() - epoch_start) / steps_per_epoch)
-
-      test = evaluate(eval_fn, state, data.test_images, data.test_labels, config.eval.batch_size)
-      history.append(test["accuracy"])
-      last_test_loss = test["loss"]
-      metrics_log.write(
-        (epoch) * steps_per_epoch,
-        {"eval/accuracy": test["accuracy"], "eval/loss": test["loss"], "epoch": epoch},
+      loop.seconds_per_step.append(
+        (time.perf_counter() - epoch_start) / max(int(state.step) - epoch_first_step, 1)
       )
-      logging.info(
-          "Evaluated epoch %d: test accuracy %.4f, test loss %.4f (best so far %.4f).",
-          epoch, test["accuracy"], test["loss"], max(history),
-      )  # fmt: skip
+      _evaluate_epoch(run, state, loop, epoch, metrics_log)
+      checkpoint.save(manager, state, loop)
   finally:
     metrics_log.close()
+  return state, True
 
-  # Stage 4: final rates, plots and summary.
+
+def _report_steps(run, state, pending, step, epoch, metrics_log, progress) -> float:
+  """Checks the pending steps' metrics, logs their average and returns the mean loss."""
+  pending = jax.device_get(pending)
+  _check_finite(pending, step - len(pending), epoch)
+  if run.config.ddlr.enabled:
+    optim.raise_if_invalid_ids(state.opt_state)
+  averaged = {key: float(np.mean([m[key] for m in pending])) for key in pending[0]}
+  rate_stats = _table_rate_stats(state.opt_state) if run.config.ddlr.enabled else {}
+  speed = progress.update(step)
+  lr_now = float(run.learning_rate(step - 1))
+  metrics_log.write(
+    step,
+    {
+      **averaged,
+      **rate_stats,
+      "train/learning_rate": lr_now,
+      "train/steps_per_second": speed["steps_per_second"],
+    },
+  )
+  _log_progress(
+    step, run.total_steps, epoch, averaged,
+    {k.removeprefix("ddlr/"): v for k, v in rate_stats.items()}, speed, lr_now,
+  )  # fmt: skip
+  return averaged["train/loss"]
+
+
+def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
+  test = evaluate(
+    run.eval_fn, state, run.data.test_images, run.data.test_labels, run.config.eval.batch_size
+  )
+  loop.test_accuracy.append(test["accuracy"])
+  loop.test_loss.append(test["loss"])
+  metrics_log.write(
+    epoch * run.steps_per_epoch,
+    {"eval/accuracy": test["accuracy"], "eval/loss": test["loss"], "epoch": epoch},
+  )
+  logging.info(
+    "Evaluated epoch %d: test accuracy %.4f, test loss %.4f (best so far %.4f).",
+    epoch, test["accuracy"], test["loss"], max(loop.test_accuracy),
+  )  # fmt: skip
+
+
+def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord) -> dict:
+  """Writes rates.npz, the rate histogram and summary.json; returns the summary."""
+  history = loop.test_accuracy
+  seconds_per_step = float(np.median(loop.seconds_per_step)) if loop.seconds_per_step else None
   summary = {
+    "completed": True,
     "last_epoch_test_accuracy": history[-1],
     "best_epoch_test_accuracy": max(history),
     "best_epoch": int(np.argmax(history)) + 1,
     "test_accuracy_per_epoch": history,
-    "last_epoch_test_loss": last_test_loss,
-    "final_train_loss": averaged["train/loss"],
+    "last_epoch_test_loss": loop.test_loss[-1],
+    "final_train_loss": loop.last_train_loss,
     # The first epoch includes compilation, so the median is the steady rate.
-    "seconds_per_step": float(np.median(step_times)),
-    "examples_per_second": batch_size / float(np.median(step_times)),
-    "num_params": int(num_params),
-    "realised_noise_rate": float(data.noise_rate),
+    "seconds_per_step": seconds_per_step,
+    "examples_per_second": run.config.train.batch_size / seconds_per_step
+    if seconds_per_step
+    else None,
+    "num_params": run.num_params,
+    "realised_noise_rate": float(run.data.noise_rate),
   }
-  if config.ddlr.enabled:
+  if run.config.ddlr.enabled:
     ddlr_state = optim.find_ddlr_state(state.opt_state)
-    log_lr = np.asarray(ddlr_state.log_lr)
-    class_log_lr = np.asarray(ddlr_state.class_log_lr)
-    if not len(log_lr):
-      log_lr = np.zeros(num_instances, np.float32)
-    summary.update(reporting.rate_report(log_lr, class_log_lr, data))
-    reporting.save_rates(os.path.join(workdir, "rates.npz"), log_lr, class_log_lr, data)
-    plot_path = os.path.join(workdir, "rates_histogram.png")
+    if ddlr_state.log_lr is None:  # class rates only, so every instance has multiplier 1
+      log_lr = np.zeros(len(run.data.labels), np.float32)
+    else:
+      log_lr = np.asarray(ddlr_state.log_lr)
+    class_log_lr = None if ddlr_state.class_log_lr is None else np.asarray(ddlr_state.class_log_lr)
+    summary.update(reporting.rate_report(log_lr, class_log_lr, run.data))
+    reporting.save_rates(os.path.join(run.workdir, "rates.npz"), log_lr, class_log_lr, run.data)
+    config = run.config
     title = f"{config.data.name}, {config.data.noise.kind} noise {config.data.noise.rate:g}"
-    analysis.plot_rate_histogram(log_lr, data.is_noisy, plot_path, title)
-  reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    analysis.plot_rate_histogram(
+      log_lr, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
+    )
+  reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
   return summary

@@ -1,6 +1,7 @@
 """Command-line errors end with one line on standard error, not a traceback."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -27,7 +28,7 @@ def _error_lines(stderr: str) -> list[str]:
     (
       ["--config.train.epochs=3"],
       "error: --config.train.epochs: train has no field 'epochs'; its fields are: "
-      "batch_size, log_every_steps, num_epochs.",
+      "batch_size, log_every_steps, num_epochs, stop_after_steps.",
     ),
     (
       ["--config.data.name=imagenet21k"],
@@ -60,7 +61,7 @@ def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
   )  # fmt: skip
   assert result.returncode == 1
   [line] = _error_lines(result.stderr)
-  assert line.startswith("error: non-finite training loss or gradient at step 2 (epoch 1)")
+  assert re.match(r"error: non-finite training loss, gradient, update or rate at step \d+ ", line)
   assert "Traceback" not in result.stderr
   for name in ("config.json", "split_record.npz"):
     assert os.path.exists(tmp_path / "run" / name), name

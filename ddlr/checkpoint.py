@@ -1,0 +1,225 @@
+"""Orbax checkpoints of a run: train state, per-instance rates and loop position.
+
+A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics,
+optimizer state with every per-instance rate and its hyper-optimizer state,
+the step and the PRNG key) and a JSON record of the loop (evaluation history,
+step times, number of training instances). The data order is a function of the
+seed and the epoch, so the step alone fixes the position in the data stream.
+
+Orbax writes each checkpoint into a temporary directory and renames it when
+complete, so a process killed during a write leaves the previous checkpoints
+intact and the unfinished one is ignored and removed on the next start.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from ddlr import optim, steps
+
+CHECKPOINT_DIR = "checkpoints"
+# Config fields whose change keeps a run resumable; any other difference
+# between the saved and the new config is rejected.
+SAFE_TO_CHANGE = frozenset(
+  {
+    "train.num_epochs",
+    "train.log_every_steps",
+    "train.stop_after_steps",
+    "checkpoint.every_steps",
+    "checkpoint.max_to_keep",
+    "eval.batch_size",
+    "data.source",
+    "data.data_dir",
+    "data.manual_dir",
+  }
+)
+
+
+class ResumeError(ValueError):
+  """A checkpoint or config cannot continue the run in this workdir."""
+
+
+@dataclasses.dataclass
+class LoopRecord:
+  """Position and history of the training loop, saved beside the train state."""
+
+  num_instances: int
+  test_accuracy: list[float] = dataclasses.field(default_factory=list)
+  test_loss: list[float] = dataclasses.field(default_factory=list)
+  seconds_per_step: list[float] = dataclasses.field(default_factory=list)
+  last_train_loss: float = float("nan")
+
+
+def create_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
+  """Returns a synchronous checkpoint manager for `workdir/checkpoints`.
+
+  Unfinished writes of a killed process are removed first.
+  """
+  directory = os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  _remove_unfinished_writes(directory)
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep,
+    create=True,
+    enable_async_checkpointing=False,
+    # Orbax's own clean-up runs in a thread that close() does not join; a
+    # process exiting early then prints a traceback. It is done above instead.
+    cleanup_tmp_directories=False,
+  )
+  return ocp.CheckpointManager(
+    directory,
+    options=options,
+    item_names=("state", "loop"),
+  )
+
+
+def _remove_unfinished_writes(directory: str) -> None:
+  if not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    # Orbax writes step N into "N.orbax-checkpoint-tmp..." and renames it when complete.
+    if ".orbax-checkpoint-tmp" in name:
+      shutil.rmtree(os.path.join(directory, name))
+      logging.warning("Removed the unfinished checkpoint write %s.", name)
+
+
+def _to_saveable(state: steps.TrainState) -> dict:
+  # Typed PRNG keys have no array dtype for the checkpoint, so their raw data is saved.
+  return {
+    "step": state.step,
+    "params": state.params,
+    "batch_stats": state.batch_stats,
+    "opt_state": state.opt_state,
+    "rng": jax.random.key_data(state.rng),
+  }
+
+
+def save(manager: ocp.CheckpointManager, state: steps.TrainState, loop: LoopRecord) -> int:
+  """Writes a checkpoint at the state's step and returns that step."""
+  step = int(state.step)
+  manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(_to_saveable(state)),
+      loop=ocp.args.JsonSave(dataclasses.asdict(loop)),
+    ),
+    force=True,
+  )
+  manager.wait_until_finished()
+  logging.info("Saved checkpoint at step %d to %s.", step, manager.directory)
+  return step
+
+
+def restore_latest(
+  manager: ocp.CheckpointManager, template: steps.TrainState, num_instances: int
+) -> tuple[steps.TrainState, LoopRecord] | None:
+  """Restores the latest checkpoint into the structure of `template`.
+
+  Returns:
+    The restored state and loop record, or None when there is no checkpoint.
+
+  Raises:
+    ResumeError: if the checkpoint's per-instance table does not have one
+      entry per training instance, or its arrays do not match the template.
+  """
+  step = manager.latest_step()
+  if step is None:
+    return None
+  loop = LoopRecord(
+    **manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+  )
+  if loop.num_instances != num_instances:
+    raise ResumeError(
+      f"the checkpoint at step {step} in {manager.directory} has per-instance rates for "
+      f"{loop.num_instances} training instances, but the dataset has {num_instances}; "
+      "rates are never clamped or padded, so use a new workdir."
+    )
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+  try:
+    restored = manager.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )["state"]
+  except (ValueError, KeyError) as error:
+    raise ResumeError(
+      f"the checkpoint at step {step} in {manager.directory} does not match this "
+      f"config's model and optimizer: {error}"
+    ) from error
+  _check_table_length(restored["opt_state"], num_instances, step)
+  state = template.replace(
+    step=restored["step"],
+    params=restored["params"],
+    batch_stats=restored["batch_stats"],
+    opt_state=restored["opt_state"],
+    rng=jax.random.wrap_key_data(restored["rng"]),
+  )
+  logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
+  return state, loop
+
+
+def _check_table_length(opt_state, num_instances: int, step: int) -> None:
+  try:
+    log_lr = optim.find_ddlr_state(opt_state).log_lr
+  except ValueError:
+    return  # the uniform baseline keeps no per-instance table
+  if log_lr is not None and log_lr.shape[0] != num_instances:
+    raise ResumeError(
+      f"the checkpoint at step {step} has a per-instance table of {log_lr.shape[0]} rates, "
+      f"but the dataset has {num_instances} training instances; refusing to resume."
+    )
+
+
+def _flatten(config: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in config.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, dict):
+      flat.update(_flatten(value, path + "."))
+    else:
+      flat[path] = value
+  return flat
+
+
+def check_resumable_config(saved_config_path: str, config: ml_collections.ConfigDict) -> None:
+  """Compares the config saved with a run to the new one before resuming.
+
+  Changes of fields in `SAFE_TO_CHANGE` are logged; any other difference
+  (dataset, its size, the noise, the model, the optimizer, the ddlr settings,
+  the seed) is rejected.
+
+  Raises:
+    ResumeError: naming every field that differs, with both values.
+  """
+  with open(saved_config_path) as f:
+    saved = _flatten(json.load(f))
+  new = _flatten(json.loads(config.to_json()))
+  changed = {
+    path: (saved.get(path, "<missing>"), new.get(path, "<missing>"))
+    for path in sorted(set(saved) | set(new))
+    if saved.get(path, "<missing>") != new.get(path, "<missing>")
+  }
+  unsafe = {path: values for path, values in changed.items() if path not in SAFE_TO_CHANGE}
+  if unsafe:
+    differences = "; ".join(f"config.{p}: {old!r} -> {new!r}" for p, (old, new) in unsafe.items())
+    raise ResumeError(
+      f"the workdir holds a run with a different config, so it cannot be resumed: "
+      f"{differences}. Use a new --workdir, or restore these values."
+    )
+  for path, (old, new_value) in changed.items():
+    logging.info("Resuming with config.%s changed from %r to %r.", path, old, new_value)
+
+
+def truncate_metrics(path: str, last_step: int) -> None:
+  """Drops records after `last_step` from a `metrics.jsonl`, which the resumed run rewrites."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    records = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+  temporary = path + ".tmp"
+  with open(temporary, "w") as f:
+    f.writelines(records)
+  os.replace(temporary, path)

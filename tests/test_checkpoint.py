@@ -1,0 +1,209 @@
+"""Checkpoints: bit-identical resumption, a kill during a write, and rejected resumes."""
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from ddlr import checkpoint, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MOCK_EXAMPLES = 100  # 90 training instances after a reference split of 10
+
+
+def _config(**overrides):
+  config = default.get_config("quick")
+  config.data.num_train = 0
+  config.data.num_test = 0
+  config.data.reference_size = 10
+  config.ddlr.reference_batch_size = 8
+  config.ddlr.hyper_momentum = 0.5  # so the momentum table is checkpointed too
+  config.train.num_epochs = 2
+  config.train.batch_size = 16  # 5 steps per epoch
+  config.train.log_every_steps = 1
+  config.eval.batch_size = 50
+  config.model.width = 4
+  config.checkpoint.every_steps = 3
+  for path, value in overrides.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  return config
+
+
+def _run(config, workdir):
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    return train.train_and_evaluate(config, str(workdir))
+
+
+def _latest_state(workdir, config):
+  """Restores the latest checkpoint of `workdir` into a freshly built template."""
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    data = train._load_data(config, str(workdir), resuming=True)
+    _, template = train._build(config, str(workdir), data)
+  manager = checkpoint.create_manager(str(workdir), config.checkpoint.max_to_keep)
+  return checkpoint.restore_latest(manager, template, len(data.labels))
+
+
+def _assert_bit_identical(state_a, state_b):
+  leaves_a = jax.tree.leaves((state_a.params, state_a.opt_state, state_a.step))
+  leaves_b = jax.tree.leaves((state_b.params, state_b.opt_state, state_b.step))
+  assert len(leaves_a) == len(leaves_b)
+  for a, b in zip(leaves_a, leaves_b, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """An uninterrupted two-epoch run: its workdir and final summary."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  return workdir, _run(_config(), workdir)
+
+
+def test_resumed_run_is_bit_identical(finished_run, tmp_path):
+  reference_dir, reference_summary = finished_run
+  stopped = _run(_config(**{"train.stop_after_steps": 7}), tmp_path)
+  assert stopped == {"completed": False, "step": 7}
+
+  summary = _run(_config(), tmp_path)
+
+  assert summary["test_accuracy_per_epoch"] == reference_summary["test_accuracy_per_epoch"]
+  state, loop = _latest_state(tmp_path, _config())
+  reference_state, _ = _latest_state(reference_dir, _config())
+  assert int(state.step) == 10
+  _assert_bit_identical(state, reference_state)
+  rates = np.load(tmp_path / "rates.npz")
+  reference_rates = np.load(reference_dir / "rates.npz")
+  np.testing.assert_array_equal(rates["log_lr"], reference_rates["log_lr"])
+  assert np.count_nonzero(rates["log_lr"]) > 0
+  assert loop.test_accuracy == reference_summary["test_accuracy_per_epoch"]
+
+
+KILL_DURING_WRITE = textwrap.dedent(
+  """
+  import sys, time
+  import orbax.checkpoint as ocp
+  import tensorflow_datasets as tfds
+  from ddlr import train
+  from tests.test_checkpoint import MOCK_EXAMPLES, _config
+
+  marker = sys.argv[2]
+  original = ocp.JsonCheckpointHandler.async_save
+  calls = []
+
+  async def save_then_hang(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the second checkpoint: its files are half written
+      open(marker, "w").close()
+      time.sleep(600)
+    return await original(self, *args, **kwargs)
+
+  ocp.JsonCheckpointHandler.async_save = save_then_hang
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    train.train_and_evaluate(_config(), sys.argv[1])
+  """
+)
+
+
+def test_sigkill_during_checkpoint_write_resumes(finished_run, tmp_path):
+  reference_dir, reference_summary = finished_run
+  workdir, marker = tmp_path / "run", tmp_path / "writing"
+  child = subprocess.Popen(
+    [sys.executable, "-c", KILL_DURING_WRITE, str(workdir), str(marker)],
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  deadline = time.monotonic() + 240
+  while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.2)
+  assert marker.exists(), "the child never reached its second checkpoint write"
+  child.send_signal(signal.SIGKILL)
+  child.wait(timeout=30)
+
+  checkpoints = sorted(os.listdir(workdir / "checkpoints"))
+  assert "3" in checkpoints
+  assert any("tmp" in name for name in checkpoints)  # the unfinished write of step 5
+
+  summary = _run(_config(), workdir)
+  assert summary["test_accuracy_per_epoch"] == reference_summary["test_accuracy_per_epoch"]
+  state, _ = _latest_state(workdir, _config())
+  reference_state, _ = _latest_state(reference_dir, _config())
+  _assert_bit_identical(state, reference_state)
+
+
+@pytest.mark.parametrize(
+  ("path", "value", "message"),
+  [
+    ("data.name", "mnist", r"config.data.name: 'fashion_mnist' -> 'mnist'"),
+    ("data.num_train", 80, r"config.data.num_train: 0 -> 80"),
+    ("data.reference_size", 20, r"config.data.reference_size: 10 -> 20"),
+    ("model.width", 8, r"config.model.width: 4 -> 8"),
+  ],
+)
+def test_resume_with_changed_config_is_rejected(finished_run, tmp_path, path, value, message):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  with pytest.raises(checkpoint.ResumeError, match=message):
+    _run(_config(**{path: value}), workdir)
+
+
+def test_resume_with_changed_noise_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  config = _config()
+  config.data.noise.rate = 0.2
+  with pytest.raises(checkpoint.ResumeError, match=r"config.data.noise.rate: 0.4 -> 0.2"):
+    _run(config, workdir)
+
+
+def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  summary = _run(_config(**{"train.num_epochs": 3}), workdir)
+  assert len(summary["test_accuracy_per_epoch"]) == 3
+  assert summary["test_accuracy_per_epoch"][:2] == finished_run[1]["test_accuracy_per_epoch"]
+
+
+def test_checkpoint_of_other_dataset_size_is_rejected(finished_run, tmp_path):
+  # Without the config and split record beside it, the checkpoint itself must
+  # catch that its per-instance table does not fit the dataset.
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  os.remove(workdir / "config.json")
+  os.remove(workdir / "split_record.npz")
+  with pytest.raises(
+    checkpoint.ResumeError, match=r"per-instance rates for 90 training instances.*has 80"
+  ):
+    _run(_config(**{"data.num_train": 90}), workdir)
+
+
+def test_non_finite_loss_keeps_loadable_checkpoint(tmp_path, monkeypatch):
+  # A NaN image in the third batch of epoch 1 makes exactly step 3 non-finite.
+  config = _config(**{"checkpoint.every_steps": 1})
+  order_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+  poisoned_id = int(train.epoch_batches(order_rng, 1, 90, config.train.batch_size)[2][0])
+  load_dataset = train.data_lib.load_dataset
+
+  def load_with_nan_image(data_config):
+    data = load_dataset(data_config)
+    images = data.images.copy()
+    images[poisoned_id] = np.nan
+    return dataclasses.replace(data, images=images)
+
+  monkeypatch.setattr(train.data_lib, "load_dataset", load_with_nan_image)
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 3 \(epoch 1\)"):
+    _run(config, tmp_path)
+  state, _ = _latest_state(tmp_path, config)
+  assert int(state.step) == 2
+  for leaf in jax.tree.leaves((state.params, state.opt_state)):
+    assert np.all(np.isfinite(np.asarray(leaf)))
