@@ -64,6 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ddlr.reference = "reference"  # batch | lookahead | split | momentum | reference
   config.ddlr.reference_at = "lookahead"  # lookahead (exact for SGD) | current (cheaper)
   config.ddlr.reference_batch_size = 128
+  # Recompute the reference-split gradient every this many steps (1: every
+  # step); in between the last one is reused, saving its forward and backward.
+  config.ddlr.reference_every_steps = 1
   config.ddlr.alignment = "jvp"  # jvp (fast, O(P) memory) | vmap (per-example gradients)
   # With 'rms' each visit moves an instance's log rate by about
   # hyper_learning_rate, whatever the scale of the gradients.

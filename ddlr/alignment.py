@@ -46,6 +46,23 @@ def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) ->
   return LinearizedLosses(losses, aux, jvp_fn, lambda cotangent: transpose(cotangent)[0])
 
 
+def differentiate_losses(
+  loss_fn: Callable[[Any], tuple[jax.Array, Any]], params
+) -> LinearizedLosses:
+  """Like `linearize_losses`, but from `jax.vjp` and a separate `jax.jvp`.
+
+  Each JVP runs the forward pass again, so this path costs one forward pass
+  more than `linearize_losses`; it is the straightforward reference that
+  tests and benchmarks compare the linearised path with.
+  """
+  losses, vjp_fn, aux = jax.vjp(loss_fn, params, has_aux=True)
+
+  def jvp(tangent):
+    return jax.jvp(lambda p: loss_fn(p)[0], (params,), (tangent,))[1]
+
+  return LinearizedLosses(losses, aux, jvp, lambda cotangent: vjp_fn(cotangent)[0])
+
+
 def per_example_gradients(lin: LinearizedLosses):
   """Returns the gradient of every loss in the batch, a pytree with leading [B]."""
   batch_size = lin.losses.shape[0]

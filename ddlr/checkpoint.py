@@ -96,6 +96,7 @@ def _to_saveable(state: steps.TrainState) -> dict:
     "batch_stats": state.batch_stats,
     "opt_state": state.opt_state,
     "rng": jax.random.key_data(state.rng),
+    "reference_direction": state.reference_direction,
   }
 
 
@@ -156,6 +157,7 @@ def restore_latest(
     batch_stats=restored["batch_stats"],
     opt_state=restored["opt_state"],
     rng=jax.random.wrap_key_data(restored["rng"]),
+    reference_direction=restored["reference_direction"],
   )
   logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
   return state, loop

@@ -59,6 +59,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, "ddlr.alignment", alignment.ALIGNMENT_METHODS)
   _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
+  _require_range(config, "ddlr.reference_every_steps", 1, integer=True)
   _require_range(config, "ddlr.hyper_learning_rate", 0.0)
   _require_range(config, "ddlr.hyper_momentum", 0.0, 0.999)
   _require_range(config, "ddlr.log_lr_decay", 0.0)

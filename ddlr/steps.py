@@ -40,6 +40,9 @@ class TrainState(struct.PyTreeNode):
   batch_stats: Any  # BatchNorm running statistics, {} for models without BatchNorm
   opt_state: optax.OptState
   rng: jax.Array  # PRNG key for the reference batches
+  # The last reference-split gradient, reused between refreshes when
+  # StepSettings.reference_every_steps > 1; None otherwise.
+  reference_direction: Any = None
 
 
 class DeviceData(struct.PyTreeNode):
@@ -62,6 +65,13 @@ class StepSettings:
   normalize: bool = True
   class_rates: bool = False
   reference_batch_size: int = 128
+  # Recompute the reference-split gradient every this many steps and reuse it
+  # in between; 1 recomputes it every step.
+  reference_every_steps: int = 1
+  # True: one jax.linearize gives the losses, the gradient (its transpose) and
+  # the alignment (its JVP). False: jax.vjp for the gradient and a separate
+  # jax.jvp, which repeats the forward pass; kept to test and benchmark.
+  linearize: bool = True
   preconditioner: str = "identity"
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
@@ -112,14 +122,17 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
   else:
     rates = jnp.ones([batch_size], jnp.float32)
 
-  lin = alignment_lib.linearize_losses(
-    make_loss_fn(model, state.batch_stats, images, labels), state.params
-  )
+  loss_fn = make_loss_fn(model, state.batch_stats, images, labels)
+  if settings.linearize:
+    lin = alignment_lib.linearize_losses(loss_fn, state.params)
+  else:
+    lin = alignment_lib.differentiate_losses(loss_fn, state.params)
   logits, batch_stats = lin.aux
   grads = lin.vjp(rates / batch_size)
 
+  reference_direction = state.reference_direction
   if settings.enabled:
-    alignment = compute_batch_alignment(
+    alignment, reference_direction = compute_batch_alignment(
         state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
         settings=settings,
     )  # fmt: skip
@@ -132,7 +145,12 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
 
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(
-    step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state, rng=rng
+    step=state.step + 1,
+    params=params,
+    batch_stats=batch_stats,
+    opt_state=opt_state,
+    rng=rng,
+    reference_direction=reference_direction,
   )
 
   metrics = {
@@ -163,7 +181,11 @@ def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:
 def compute_batch_alignment(
   state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
 ) -> jax.Array:
-  """Returns the alignment [B] of each example with the configured reference gradient."""
+  """Returns the alignment [B] with the configured reference gradient, and the cached one.
+
+  The second value is the reference-split gradient to keep in the train state
+  (unchanged unless this step refreshed it).
+  """
   precondition = _preconditioner(state.opt_state, settings)
   batch_size = ids.shape[0]
 
@@ -179,7 +201,7 @@ def compute_batch_alignment(
       precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
     )
     both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
-    return jnp.where(first_half, both[0], both[1])
+    return jnp.where(first_half, both[0], both[1]), state.reference_direction
 
   if settings.reference == "batch":
     direction = grads
@@ -189,10 +211,19 @@ def compute_batch_alignment(
     params_after = lookahead_params(state, grads, ids, labels, tx)
     images = data.train_images[ids]
     direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
-  else:
+  elif settings.reference_every_steps == 1:
     direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
+  else:
+    direction = jax.lax.cond(
+      state.step % settings.reference_every_steps == 0,
+      lambda: reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings),
+      lambda: state.reference_direction,
+    )
   tangents = alignment_lib.stack_tangents(precondition(direction))
-  return alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
+  alignment = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
+  if settings.reference == "reference" and settings.reference_every_steps > 1:
+    return alignment, direction
+  return alignment, state.reference_direction
 
 
 def reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings):

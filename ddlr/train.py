@@ -88,14 +88,21 @@ def step_settings(config) -> steps.StepSettings:
     normalize=config.ddlr.normalize,
     class_rates=config.ddlr.class_rates,
     reference_batch_size=config.ddlr.reference_batch_size,
+    reference_every_steps=config.ddlr.reference_every_steps,
     preconditioner="adam" if config.optimizer.name == "adamw" else "identity",
     adam_b2=config.optimizer.b2,
     adam_eps=config.optimizer.eps,
   )
 
 
-def create_train_state(model, tx, sample_images, rng) -> steps.TrainState:
-  """Initialises parameters, BatchNorm statistics and optimizer state."""
+def create_train_state(
+  model, tx, sample_images, rng, *, cache_reference: bool = False
+) -> steps.TrainState:
+  """Initialises parameters, BatchNorm statistics and optimizer state.
+
+  With `cache_reference`, the state keeps a params-shaped reference gradient
+  (zeros until the first refresh at step 0).
+  """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, sample_images, train=False)
   params = variables["params"]
@@ -105,6 +112,7 @@ def create_train_state(model, tx, sample_images, rng) -> steps.TrainState:
     batch_stats=variables.get("batch_stats", {}),
     opt_state=tx.init(params),
     rng=state_rng,
+    reference_direction=jax.tree.map(jnp.zeros_like, params) if cache_reference else None,
   )
 
 
@@ -281,7 +289,11 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     config, num_instances=num_instances, num_classes=data.num_classes, learning_rate=learning_rate
   )
   rng = jax.random.key(config.seed)
-  state = create_train_state(model, tx, data.images[:1], rng)
+  settings = step_settings(config)
+  cache_reference = (
+    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
+  )
+  state = create_train_state(model, tx, data.images[:1], rng, cache_reference=cache_reference)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %d parameters.", config.model.name, num_params)
   run = _Run(
@@ -296,7 +308,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     ),
     learning_rate=learning_rate,
     train_fn=jax.jit(
-      functools.partial(steps.train_step, model=model, tx=tx, settings=step_settings(config)),
+      functools.partial(steps.train_step, model=model, tx=tx, settings=settings),
       donate_argnums=0,
     ),
     eval_fn=jax.jit(functools.partial(steps.eval_step, model=model)),

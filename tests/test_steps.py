@@ -142,3 +142,55 @@ def test_train_step_compiles_once_and_stays_finite(reference):
   if reference != "momentum":  # the momentum buffer is zero at the first step
     assert float(jnp.max(jnp.abs(table[: BATCH_SIZE + 2]))) > 0.0
   np.testing.assert_array_equal(table[BATCH_SIZE + 2 :], 0.0)
+
+
+@pytest.mark.parametrize("reference", ["momentum", "split", "reference"])
+def test_linearized_and_direct_paths_agree(reference):
+  model, data, params = _setup()
+  tx = optim.ddlr(
+    optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
+    hyper_learning_rate=0.5,
+  )  # fmt: skip
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
+    opt_state=tx.init(params), rng=jax.random.key(1),
+  )  # fmt: skip
+  outcomes = {}
+  for linearize in (True, False):
+    settings = steps.StepSettings(reference=reference, reference_batch_size=4, linearize=linearize)
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+    current = state
+    for index in range(2):  # the second step has a non-zero momentum buffer
+      current, metrics = step(current, data, jnp.arange(BATCH_SIZE) + index)
+    outcomes[linearize] = (current, metrics)
+  fast, direct = outcomes[True][0], outcomes[False][0]
+  assert float(jnp.max(jnp.abs(fast.opt_state.log_lr))) > 0.0
+  np.testing.assert_allclose(
+    outcomes[True][1]["ddlr/alignment_mean"], outcomes[False][1]["ddlr/alignment_mean"], rtol=1e-5
+  )
+  np.testing.assert_allclose(fast.opt_state.log_lr, direct.opt_state.log_lr, rtol=1e-5, atol=1e-7)
+  for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(direct.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_reference_gradient_refreshes_every_k_steps():
+  model, data, params = _setup()
+  tx = optim.ddlr(
+    optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=0.5
+  )
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+    rng=jax.random.key(1), reference_direction=jax.tree.map(jnp.zeros_like, params),
+  )  # fmt: skip
+  settings = steps.StepSettings(
+    reference="reference", reference_batch_size=4, reference_every_steps=3
+  )
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+  directions = []
+  for index in range(4):
+    state, _ = step(state, data, jnp.arange(BATCH_SIZE) + index)
+    directions.append(jax.tree.leaves(state.reference_direction)[0])
+  assert float(jnp.max(jnp.abs(directions[0]))) > 0.0  # refreshed at step 0
+  np.testing.assert_array_equal(directions[1], directions[0])
+  np.testing.assert_array_equal(directions[2], directions[0])
+  assert not np.array_equal(directions[3], directions[0])  # refreshed at step 3
