@@ -1,0 +1,170 @@
+r"""Times a ddlr train step against a uniform one, side by side in one process.
+
+  .venv/bin/python -m scripts.benchmark --model=small_cnn --steps=30
+  .venv/bin/python -m scripts.benchmark --model=resnet18 --batch_size=128 --steps=5
+
+For one model, batch and random data held on the device, every variant's
+jitted train step is compiled, warmed up, and timed step by step (each step
+waits for its result); the variants are timed in interleaved rounds so that
+load changes on the machine affect them alike. It prints, per variant, the
+median step time, its ratio to the uniform step (SGD with momentum, same model
+and batch), and the compiled step's temporary memory (XLA's memory analysis:
+the working memory beyond parameters, optimizer state and data) with its
+ratio to the uniform step's.
+"""
+
+import dataclasses
+import functools
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from configs import default
+from ddlr import steps, train
+from ddlr.models import create_model
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "small_cnn", "Model name from ddlr.models.MODELS.")
+flags.DEFINE_integer("width", 0, "Model width; 0 keeps the model's default.")
+flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer("steps", 30, "Timed steps per variant.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after compilation.")
+flags.DEFINE_list(
+  "variants",
+  [
+    "uniform",
+    "jvp/momentum",
+    "jvp/split",
+    "jvp/reference",
+    "jvp/reference@4",
+    "vmap/momentum",
+    "direct-jvp/momentum",
+  ],
+  "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, vmap or direct-jvp "
+  "(jax.vjp plus a separate jax.jvp) and k the reference refresh interval. vmap forms "
+  "B per-example gradients, so its steps take minutes on a CPU.",
+)
+
+# Input shapes of the datasets each model is benchmarked on.
+INPUT_SHAPES = {"small_cnn": (28, 28, 1)}
+DEFAULT_INPUT_SHAPE = (32, 32, 3)
+NUM_INSTANCES, NUM_REFERENCE, NUM_CLASSES = 4096, 1000, 10
+
+
+@dataclasses.dataclass
+class Variant:
+  """One train step configuration to time."""
+
+  name: str
+  settings: steps.StepSettings
+
+
+def parse_variant(name: str) -> Variant:
+  """Returns the Variant named `name`, e.g. 'jvp/reference@4'."""
+  if name == "uniform":
+    return Variant(name, steps.StepSettings(enabled=False))
+  path, _, reference = name.partition("/")
+  reference, _, every = reference.partition("@")
+  if path not in ("jvp", "vmap", "direct-jvp") or reference not in steps.REFERENCES:
+    raise ValueError(f"invalid variant {name!r}; see --helpfull for the format.")
+  settings = steps.StepSettings(
+    reference=reference,
+    alignment="vmap" if path == "vmap" else "jvp",
+    linearize=path != "direct-jvp",
+    reference_every_steps=int(every or 1),
+  )
+  return Variant(name, settings)
+
+
+def build_step(variant: Variant, model, device_data):
+  """Returns the jitted step of `variant`, its initial state and its compiled memory."""
+  config = default.get_config()
+  config.ddlr.enabled = variant.settings.enabled
+  learning_rate = train.learning_rate_schedule(config.optimizer, 1000, 100)
+  tx = train.build_optimizer(
+    config, num_instances=NUM_INSTANCES, num_classes=NUM_CLASSES, learning_rate=learning_rate
+  )
+  settings = variant.settings
+  cache = (
+    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
+  )
+  state = train.create_train_state(
+    model, tx, device_data.train_images[:1], jax.random.key(0), cache_reference=cache
+  )
+  step = jax.jit(
+    functools.partial(steps.train_step, model=model, tx=tx, settings=settings), donate_argnums=0
+  )
+  ids = jnp.arange(FLAGS.batch_size)
+  compiled = step.lower(state, device_data, ids).compile()
+  memory = compiled.memory_analysis()
+  temporary = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
+  return step, state, temporary
+
+
+def time_variants(variants, model, device_data) -> dict[str, list[float]]:
+  """Returns each variant's step times in seconds, timed in interleaved rounds."""
+  built = {variant.name: build_step(variant, model, device_data) for variant in variants}
+  states = {name: entry[1] for name, entry in built.items()}
+  batches = [
+    jnp.asarray(np.random.default_rng(i).permutation(NUM_INSTANCES)[: FLAGS.batch_size])
+    for i in range(FLAGS.warmup + FLAGS.steps)
+  ]
+  times = {name: [] for name in built}
+  for index, ids in enumerate(batches):
+    for name, (step, _, _) in built.items():
+      start = time.perf_counter()
+      states[name], metrics = step(states[name], device_data, ids)
+      jax.block_until_ready(metrics)
+      if index >= FLAGS.warmup:
+        times[name].append(time.perf_counter() - start)
+  return times, {name: entry[2] for name, entry in built.items()}
+
+
+def main(argv):
+  del argv
+  variants = [parse_variant(name) for name in FLAGS.variants]
+  if variants[0].name != "uniform":
+    variants.insert(0, parse_variant("uniform"))
+  config = default.get_config().model
+  config.name = FLAGS.model
+  if FLAGS.width:
+    config.width = FLAGS.width
+  else:
+    del config.width
+  del config.batch_norm
+  model = create_model(config, NUM_CLASSES)
+  shape = INPUT_SHAPES.get(FLAGS.model, DEFAULT_INPUT_SHAPE)
+  rng = np.random.default_rng(0)
+  device_data = steps.DeviceData(
+    train_images=jnp.asarray(rng.normal(size=(NUM_INSTANCES, *shape)).astype(np.float32)),
+    train_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, NUM_INSTANCES).astype(np.int32)),
+    reference_images=jnp.asarray(rng.normal(size=(NUM_REFERENCE, *shape)).astype(np.float32)),
+    reference_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, NUM_REFERENCE).astype(np.int32)),
+  )
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  print(
+    f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}, "
+    f"{FLAGS.steps} timed steps after {FLAGS.warmup} warm-up steps per variant"
+  )
+  times, memory = time_variants(variants, model, device_data)
+  uniform_time = float(np.median(times["uniform"]))
+  uniform_memory = memory["uniform"]
+  print("| variant | median step (ms) | vs uniform | temp memory (MiB) | vs uniform |")
+  print("|---|---|---|---|---|")
+  for name, values in times.items():
+    median = float(np.median(values))
+    mem = memory[name]
+    mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
+    mem_ratio = f"{mem / uniform_memory:.2f}x" if mem and uniform_memory else "n/a"
+    print(
+      f"| {name} | {1e3 * median:.1f} | {median / uniform_time:.2f}x | {mem_text} | {mem_ratio} |"
+    )
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
