@@ -3,11 +3,31 @@
 import flax.linen as nn
 import ml_collections
 
+from ddlr.models.densenet import DenseNetBC
+from ddlr.models.resnet import ResNet, ResNet18, ResNet34, ResNet50
 from ddlr.models.small_cnn import SmallCNN
+from ddlr.models.vgg import VGG16BN
+from ddlr.models.wide_resnet import WideResNet
 
-__all__ = ["MODELS", "SmallCNN", "create_model"]
+__all__ = [
+  "MODELS",
+  "DenseNetBC",
+  "ResNet",
+  "SmallCNN",
+  "VGG16BN",
+  "WideResNet",
+  "create_model",
+]
 
-MODELS = {"small_cnn": SmallCNN}
+MODELS = {
+  "small_cnn": SmallCNN,
+  "resnet18": ResNet18,
+  "resnet34": ResNet34,
+  "resnet50": ResNet50,
+  "wide_resnet": WideResNet,
+  "vgg16_bn": VGG16BN,
+  "densenet_bc": DenseNetBC,
+}
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
