@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "momentum"  # sgd | momentum | nesterov | adamw
-  config.optimizer.learning_rate = 0.05
+  config.optimizer.learning_rate = 0.05  # for SGD; adamw needs about 1e-3
   config.optimizer.schedule = "cosine"  # constant | cosine
   config.optimizer.warmup_epochs = 0.0
   config.optimizer.momentum = 0.9
@@ -72,6 +72,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # hyper_learning_rate, whatever the scale of the gradients.
   config.ddlr.hypergradient_scale = "rms"
   config.ddlr.hyper_learning_rate = 0.3
+  # The class table steps every batch with the sum over its instances, so it
+  # needs a much smaller step than the instance table, which steps once per visit.
+  config.ddlr.class_hyper_learning_rate = 0.001
   config.ddlr.hyper_momentum = 0.0
   config.ddlr.init_log_lr = 0.0
   config.ddlr.log_lr_decay = 0.0

@@ -1,5 +1,7 @@
 """Validation of experiment configs, so a bad value fails before any work starts."""
 
+import math
+
 import ml_collections
 
 from ddlr import alignment, optim, steps
@@ -22,8 +24,8 @@ def _require_choice(config, path: str, choices) -> None:
 def _require_range(config, path: str, low: float, high: float | None = None, *, integer=False):
   value = _get(config, path)
   kind = int if integer else (int, float)
-  if isinstance(value, bool) or not isinstance(value, kind):
-    raise ConfigError(f"config.{path}={value!r} is invalid; expected a number.")
+  if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+    raise ConfigError(f"config.{path}={value!r} is invalid; expected a finite number.")
   if value < low or (high is not None and value > high):
     bound = f">= {low}" if high is None else f"in [{low}, {high}]"
     raise ConfigError(f"config.{path}={value!r} is invalid; expected a value {bound}.")
@@ -47,6 +49,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     ConfigError: naming the first invalid field, its value and what was expected.
   """
   _require_choice(config, "model.name", sorted(MODELS))
+  if "width" in config.model:
+    _require_range(config, "model.width", 1, integer=True)
   _require_choice(config, "optimizer.name", OPTIMIZERS)
   _require_choice(config, "optimizer.schedule", SCHEDULES)
   _require_range(config, "optimizer.learning_rate", 0.0)
@@ -61,7 +65,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
   _require_range(config, "ddlr.reference_every_steps", 1, integer=True)
   _require_range(config, "ddlr.hyper_learning_rate", 0.0)
-  _require_range(config, "ddlr.hyper_momentum", 0.0, 0.999)
+  _require_range(config, "ddlr.hyper_momentum", 0.0, 1.0)
+  if config.ddlr.hyper_momentum == 1.0:
+    raise ConfigError("config.ddlr.hyper_momentum=1.0 is invalid; expected a value in [0, 1).")
+  _require_range(config, "ddlr.class_hyper_learning_rate", 0.0)
+  for field in ("init_log_lr", "log_lr_min", "log_lr_max"):
+    _require_range(config, f"ddlr.{field}", -math.inf)
   _require_range(config, "ddlr.log_lr_decay", 0.0)
   if config.ddlr.enabled and not (config.ddlr.instance_rates or config.ddlr.class_rates):
     raise ConfigError(
@@ -79,6 +88,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError("config.ddlr.reference='split' needs config.train.batch_size >= 2.")
 
   _require_range(config, "train.num_epochs", 1, integer=True)
+  if config.optimizer.warmup_epochs > config.train.num_epochs:
+    raise ConfigError(
+      f"config.optimizer.warmup_epochs={config.optimizer.warmup_epochs} exceeds "
+      f"config.train.num_epochs={config.train.num_epochs}, so the peak learning rate "
+      "would never be reached."
+    )
   _require_range(config, "train.batch_size", 1, integer=True)
   _require_range(config, "train.log_every_steps", 1, integer=True)
   _require_range(config, "train.stop_after_steps", 0, integer=True)

@@ -72,18 +72,20 @@ def write_json(path: str, payload: dict) -> None:
   os.replace(temporary, path)
 
 
-def rate_report(log_lr, class_log_lr, data) -> dict[str, float]:
+def rate_report(log_lr, class_log_lr, data, *, score_noise: bool = True) -> dict[str, float]:
   """Returns rate statistics and, for noisy data, how well the rates find the noise.
 
-  `auroc` is the probability that a clean instance has a higher rate than a
-  noisy one; `noisy_precision_lowest_10pct` is the share of noisy instances
-  among the 10% lowest rates.
+  `log_lr` is each instance's log multiplier, a_i + b_{y_i}. `auroc` is the
+  probability that a clean instance has a higher rate than a noisy one, and
+  `noisy_precision_lowest_10pct` is the share of noisy instances among the 10%
+  lowest rates; both are left out when `score_noise` is false (class rates
+  alone cannot tell instances of one class apart).
   """
   report = analysis.rate_summary(log_lr, data.labels, data.num_classes)
   if class_log_lr is not None:
     for label, value in enumerate(np.exp(class_log_lr)):
       report[f"class_{label}_class_rate"] = float(value)
-  if data.is_noisy.any() and not data.is_noisy.all():
+  if score_noise and data.is_noisy.any() and not data.is_noisy.all():
     report["auroc"] = analysis.auroc(log_lr, ~data.is_noisy)
     report["noisy_precision_lowest_10pct"] = analysis.precision_of_lowest(
       log_lr, data.is_noisy, 0.1
@@ -91,13 +93,18 @@ def rate_report(log_lr, class_log_lr, data) -> dict[str, float]:
   return report
 
 
-def save_rates(path: str, log_lr, class_log_lr, data) -> None:
-  """Writes the final per-instance rates with the labels and the corruption mask (.npz)."""
+def save_rates(path: str, log_lr, exponent, class_log_lr, data) -> None:
+  """Writes the final rates with the labels and the corruption mask (.npz).
+
+  `log_lr` is the instance table a, `exponent` is a_i + b_{y_i}, and the saved
+  `rate` is exp(exponent), each instance's multiplier before batch
+  normalisation.
+  """
   np.savez(
     path,
     ids=np.arange(len(data.labels)),
     log_lr=np.asarray(log_lr),
-    rate=np.exp(np.asarray(log_lr)),
+    rate=np.exp(np.asarray(exponent)),
     class_log_lr=np.zeros(0, np.float32) if class_log_lr is None else np.asarray(class_log_lr),
     labels=data.labels,
     true_labels=data.true_labels,

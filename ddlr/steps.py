@@ -140,7 +140,6 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
       grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
     )
   else:
-    alignment = jnp.zeros([batch_size], jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
 
   params = optax.apply_updates(state.params, updates)
@@ -159,10 +158,10 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
     "train/grad_norm": optax.global_norm(grads),
     "train/update_norm": optax.global_norm(updates),
-    "ddlr/alignment_mean": jnp.mean(alignment),
-    "ddlr/batch_rate_max": jnp.max(rates),
   }
   if settings.enabled:
+    metrics["ddlr/alignment_mean"] = jnp.mean(alignment)
+    metrics["ddlr/batch_rate_max"] = jnp.max(rates)
     metrics["ddlr/rates_finite"] = _batch_rates_finite(opt_state, ids, labels)
   return new_state, metrics
 

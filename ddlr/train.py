@@ -24,7 +24,7 @@ from absl import logging
 
 from ddlr import analysis, checkpoint, optim, reporting, steps
 from ddlr import data as data_lib
-from ddlr.config_checks import validate_config
+from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
 
 
@@ -61,12 +61,20 @@ def build_optimizer(config, *, num_instances, num_classes, learning_rate):
   if not config.ddlr.enabled:
     return base
   settings = config.ddlr
+  try:
+    return _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate)
+  except ValueError as error:
+    raise ConfigError(f"invalid config.ddlr setting: {error}") from error
+
+
+def _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate):
   return optim.ddlr(
     base,
     num_instances=num_instances,
     learning_rate=learning_rate,
     hyper_learning_rate=settings.hyper_learning_rate,
     hyper_momentum=settings.hyper_momentum,
+    class_hyper_learning_rate=settings.class_hyper_learning_rate,
     instance_rates=settings.instance_rates,
     num_classes=num_classes if settings.class_rates else None,
     init_log_lr=settings.init_log_lr,
@@ -211,7 +219,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteLossError: when the loss diverges; the last checkpoint is kept.
   """
   validate_config(config)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir {workdir} exists and is not a directory; give a directory.")
   os.makedirs(workdir, exist_ok=True)
+  if not os.access(workdir, os.W_OK):
+    raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
   logging.info("Config:\n%s", config)
   manager = checkpoint.create_manager(workdir, config.checkpoint.max_to_keep)
   try:
@@ -447,12 +459,20 @@ def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord) -> dict:
     else:
       log_lr = np.asarray(ddlr_state.log_lr)
     class_log_lr = None if ddlr_state.class_log_lr is None else np.asarray(ddlr_state.class_log_lr)
-    summary.update(reporting.rate_report(log_lr, class_log_lr, run.data))
-    reporting.save_rates(os.path.join(run.workdir, "rates.npz"), log_lr, class_log_lr, run.data)
+    # Each instance's multiplier before batch normalisation is exp(a_i + b_{y_i}).
+    exponent = log_lr if class_log_lr is None else log_lr + class_log_lr[run.data.labels]
+    summary.update(
+      reporting.rate_report(
+        exponent, class_log_lr, run.data, score_noise=ddlr_state.log_lr is not None
+      )
+    )
+    reporting.save_rates(
+      os.path.join(run.workdir, "rates.npz"), log_lr, exponent, class_log_lr, run.data
+    )
     config = run.config
     title = f"{config.data.name}, {config.data.noise.kind} noise {config.data.noise.rate:g}"
     analysis.plot_rate_histogram(
-      log_lr, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
+      exponent, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
     )
   reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
   return summary

@@ -383,14 +383,14 @@ def test_load_split_rejects_unknown_name():
     data_lib.load_split("imagenet", "train", source="tfds", data_dir=None, manual_dir=None)
 
 
-@pytest.mark.parametrize("field", ["data_dir", "manual_dir"])
-def test_load_split_rejects_missing_directory(tmp_path, field):
+@pytest.mark.parametrize(("field", "source"), [("data_dir", "tfds"), ("manual_dir", "idx")])
+def test_load_split_rejects_missing_directory(tmp_path, field, source):
   missing = str(tmp_path / "absent")
   paths = {"data_dir": None, "manual_dir": None, field: missing}
   with pytest.raises(
     data_lib.DataError, match=re.escape(f"{field} directory not found: {missing}")
   ):
-    data_lib.load_split("fashion_mnist", "train", source="tfds", **paths)
+    data_lib.load_split("fashion_mnist", "train", source=source, **paths)
 
 
 def test_load_split_rejects_bad_source_and_split(tmp_path):
@@ -672,3 +672,24 @@ def test_training_data_rejects_length_mismatch():
       reference_labels=empty, reference_source_index=empty, test_images=empty, test_labels=empty,
       num_classes=10, class_names=(), noise_kind="none", noise_rate=0.0,
     )  # fmt: skip
+
+
+def test_prepared_tfds_ignores_missing_manual_dir(fashion_mnist_data_dir, tmp_path):
+  _, labels, _ = data_lib.load_split(
+    "fashion_mnist", "test", source="tfds", data_dir=fashion_mnist_data_dir,
+    manual_dir=str(tmp_path / "absent"), max_examples=5,
+  )  # fmt: skip
+  assert labels.shape == (5,)
+
+
+def test_tfds_slice_beyond_split_raises(fashion_mnist_data_dir):
+  with pytest.raises(data_lib.DataError, match="fewer than the 70000 examples"):
+    data_lib.load_split(
+      "fashion_mnist", "train", source="tfds", data_dir=fashion_mnist_data_dir,
+      manual_dir=None, max_examples=70000,
+    )  # fmt: skip
+
+
+def test_mnist_from_fashion_files_raises():
+  with pytest.raises(data_lib.DataError, match="holds the Fashion-MNIST files, not mnist"):
+    data_lib.load_split("mnist", "train", source="idx", data_dir=None, manual_dir=DEBIAN_DIR)

@@ -86,8 +86,32 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
     ("ddlr.alignment", "exact", r"config.ddlr.alignment='exact' is invalid"),
     ("optimizer.name", "lion", r"config.optimizer.name='lion' is invalid"),
     ("train.batch_size", 0, r"config.train.batch_size=0 is invalid"),
+    ("model.width", 0, r"config.model.width=0 is invalid; expected a value >= 1"),
+    ("optimizer.learning_rate", float("nan"), r"learning_rate=nan is invalid; expected a finite"),
+    ("optimizer.warmup_epochs", 5.0, r"warmup_epochs=5.0 exceeds config.train.num_epochs=1"),
+    ("ddlr.hyper_momentum", 1.0, r"hyper_momentum=1.0 is invalid; expected a value in \[0, 1\)"),
+    ("ddlr.log_lr_min", 3.0, r"invalid config.ddlr setting: log_lr_min must be below log_lr_max"),
   ],
 )
 def test_invalid_config_value_raises(tmp_path, path, value, message):
   with pytest.raises(ConfigError, match=message):
-    train.train_and_evaluate(_tiny_config(**{path: value}), str(tmp_path))
+    with tfds.testing.mock_data(num_examples=100):
+      train.train_and_evaluate(_tiny_config(**{path: value}), str(tmp_path))
+
+
+def test_workdir_that_is_a_file_raises(tmp_path):
+  path = tmp_path / "file"
+  path.write_text("")
+  with pytest.raises(ConfigError, match=r"exists and is not a directory"):
+    train.train_and_evaluate(_tiny_config(), str(path))
+
+
+def test_class_rates_only_report_no_auroc(tmp_path):
+  config = _tiny_config(**{"ddlr.class_rates": True, "ddlr.instance_rates": False})
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+  assert "auroc" not in summary
+  rates = np.load(tmp_path / "rates.npz")
+  assert rates["class_log_lr"].shape == (10,)
+  expected = np.exp(rates["class_log_lr"][rates["labels"]])
+  np.testing.assert_allclose(rates["rate"], expected, rtol=1e-6)

@@ -101,3 +101,14 @@ def prepare_fashion_mnist(data_dir: str | None, manual_dir: str) -> None:
   # one keeps that copy out of data_dir.
   with tempfile.TemporaryDirectory(prefix="ddlr-fashion-mnist-") as download_dir:
     builder.download_and_prepare(download_dir=download_dir, download_config=download_config)
+
+
+def holds_fashion_mnist(directory: str) -> bool:
+  """Returns whether `directory` has the Debian Fashion-MNIST training labels file.
+
+  The IDX format of MNIST and Fashion-MNIST is the same, so only the content
+  tells them apart; the 60 KB labels file is enough to hash.
+  """
+  filename = "train-labels-idx1-ubyte.gz"
+  path = os.path.join(directory, filename)
+  return os.path.isfile(path) and _decompressed_sha256(path) == DEBIAN_CONTENT_SHA256[filename]

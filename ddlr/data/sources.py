@@ -53,7 +53,6 @@ def load_split(
   _check_choice("split", split, SPLITS)
   _check_choice("source", source, SOURCES)
   _check_directory("data_dir", data_dir)
-  _check_directory("manual_dir", manual_dir)
   if max_examples is not None:
     checks.check_count("max_examples", max_examples)
 
@@ -91,6 +90,8 @@ def _load_tfds_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   builder = tfds.builder(name, data_dir=data_dir)
   if name == "fashion_mnist" and manual_dir is not None and not builder.is_prepared():
+    # manual_dir is only read, and so only checked, when the dataset needs preparing.
+    _check_directory("manual_dir", manual_dir)
     fashion_offline.prepare_fashion_mnist(data_dir, manual_dir)
     builder = tfds.builder(name, data_dir=data_dir)
 
@@ -104,6 +105,12 @@ def _load_tfds_split(
     # tfds 4.9 raises AssertionError from as_dataset when the dataset
     # directory does not exist, that is, when it was never prepared.
     raise DataError(_not_prepared_message(name, builder.data_dir_root)) from error
+  except ValueError as error:
+    # tfds rejects a slice longer than the split before any data is read.
+    raise DataError(
+      f"the {name} {split!r} split has fewer than the {max_examples} examples that "
+      f"config.data.num_train or num_test requests ({error})"
+    ) from error
 
   class_names = list(builder.info.features["label"].names)
   image_batches, label_batches = [], []
@@ -145,6 +152,12 @@ def _load_raw_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   if manual_dir is None:
     raise DataError(f"source='idx' needs manual_dir, the directory with the raw {name} files")
+  _check_directory("manual_dir", manual_dir)
+  if name == "mnist" and fashion_offline.holds_fashion_mnist(manual_dir):
+    raise DataError(
+      f"manual_dir {manual_dir} holds the Fashion-MNIST files, not mnist; set "
+      "config.data.manual_dir to the MNIST files or config.data.name='fashion_mnist'"
+    )
   if name in ("mnist", "fashion_mnist"):
     images, labels = raw_files.read_idx_split(name, split, manual_dir)
     if name == "mnist":
