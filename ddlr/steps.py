@@ -122,20 +122,23 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
   else:
     rates = jnp.ones([batch_size], jnp.float32)
 
-  loss_fn = make_loss_fn(model, state.batch_stats, images, labels)
-  if settings.linearize:
-    lin = alignment_lib.linearize_losses(loss_fn, state.params)
-  else:
-    lin = alignment_lib.differentiate_losses(loss_fn, state.params)
-  logits, batch_stats = lin.aux
-  grads = lin.vjp(rates / batch_size)
-
   reference_direction = state.reference_direction
+  if settings.enabled and settings.reference == "split" and not state.batch_stats:
+    losses, logits, grads, alignment = _split_by_halves(
+      state, images, labels, rates, model=model, settings=settings
+    )
+    batch_stats = state.batch_stats
+  else:
+    lin = _differentiate(make_loss_fn(model, state.batch_stats, images, labels), state, settings)
+    losses, (logits, batch_stats) = lin.losses, lin.aux
+    grads = lin.vjp(rates / batch_size)
+    if settings.enabled:
+      alignment, reference_direction = compute_batch_alignment(
+          state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
+          settings=settings,
+      )  # fmt: skip
+
   if settings.enabled:
-    alignment, reference_direction = compute_batch_alignment(
-        state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
-        settings=settings,
-    )  # fmt: skip
     updates, opt_state = tx.update(
       grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
     )
@@ -153,8 +156,8 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
   )
 
   metrics = {
-    "train/loss": jnp.mean(lin.losses),
-    "train/weighted_loss": jnp.mean(rates * lin.losses),
+    "train/loss": jnp.mean(losses),
+    "train/weighted_loss": jnp.mean(rates * losses),
     "train/accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
     "train/grad_norm": optax.global_norm(grads),
     "train/update_norm": optax.global_norm(updates),
@@ -164,6 +167,52 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     metrics["ddlr/batch_rate_max"] = jnp.max(rates)
     metrics["ddlr/rates_finite"] = _batch_rates_finite(opt_state, ids, labels)
   return new_state, metrics
+
+
+def _differentiate(loss_fn, state, settings) -> alignment_lib.LinearizedLosses:
+  if settings.linearize:
+    return alignment_lib.linearize_losses(loss_fn, state.params)
+  return alignment_lib.differentiate_losses(loss_fn, state.params)
+
+
+def _split_by_halves(state, images, labels, rates, *, model, settings):
+  """Computes the `split` reference with one pass per half instead of an extra VJP.
+
+  Without BatchNorm each example's loss depends on its own input only, so the
+  two halves can be linearised separately: each half's VJP gives its
+  gradient sum and each half's JVP scores it against the other half, which
+  costs the same as one full-batch forward, backward and JVP. With BatchNorm
+  the halves would be normalised separately, so `compute_batch_alignment`
+  handles that case on the full batch.
+
+  Returns:
+    The per-example losses, logits, the weighted mean gradient and the alignment.
+  """
+  batch_size, half = labels.shape[0], labels.shape[0] // 2
+  parts = (slice(0, half), slice(half, batch_size))
+  lins = [
+    _differentiate(make_loss_fn(model, {}, images[part], labels[part]), state, settings)
+    for part in parts
+  ]
+  sums = [lin.vjp(rates[part]) for lin, part in zip(lins, parts, strict=True)]
+  grads = jax.tree.map(lambda a, b: (a + b) / batch_size, *sums)
+  precondition = _preconditioner(state.opt_state, settings)
+  # Each half is scored against the other half's weighted mean gradient.
+  others = (
+    jax.tree.map(lambda g: g / (batch_size - half), sums[1]),
+    jax.tree.map(lambda g: g / half, sums[0]),
+  )
+  alignment = jnp.concatenate(
+    [
+      alignment_lib.compute_alignment(
+        lin, alignment_lib.stack_tangents(precondition(other)), method=settings.alignment
+      )[0]
+      for lin, other in zip(lins, others, strict=True)
+    ]
+  )
+  losses = jnp.concatenate([lin.losses for lin in lins])
+  logits = jnp.concatenate([lin.aux[0] for lin in lins])
+  return losses, logits, grads, alignment
 
 
 def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:

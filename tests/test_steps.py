@@ -194,3 +194,36 @@ def test_reference_gradient_refreshes_every_k_steps():
   np.testing.assert_array_equal(directions[1], directions[0])
   np.testing.assert_array_equal(directions[2], directions[0])
   assert not np.array_equal(directions[3], directions[0])  # refreshed at step 3
+
+
+def test_split_with_batch_norm_uses_coupled_gradients():
+  model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
+  _, data, _ = _setup()
+  variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
+    jax.random.key(4)
+  )
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  tx = optim.ddlr(
+    optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
+    log_lr_min=-50.0, log_lr_max=50.0, normalize=False,
+  )  # fmt: skip
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
+    opt_state=tx.init(params), rng=jax.random.key(1),
+  )  # fmt: skip
+  settings = steps.StepSettings(reference="split", normalize=False)
+  ids = jnp.array([3, 11, 0, 7, 14, 5])
+  new_state, _ = jax.jit(
+    functools.partial(steps.train_step, model=model, tx=tx, settings=settings)
+  )(state, data, ids)
+
+  # Per-example gradients of the batch-coupled losses, as BatchNorm computes them.
+  loss_fn = steps.make_loss_fn(model, batch_stats, data.train_images[ids], data.train_labels[ids])
+  jacobian = jax.jit(jax.jacrev(lambda p: loss_fn(p)[0]))(params)
+  flat = jnp.concatenate([g.reshape(BATCH_SIZE, -1) for g in jax.tree.leaves(jacobian)], 1)
+  weighted = flat  # rates are 1 at the start
+  first, second = weighted[:3].mean(0), weighted[3:].mean(0)
+  alignment = jnp.concatenate([flat[:3] @ second, flat[3:] @ first])
+  expected_step = (ETA / BATCH_SIZE) * alignment
+  computed_step = new_state.opt_state.log_lr[ids] - state.opt_state.log_lr[ids]
+  np.testing.assert_allclose(computed_step, expected_step, rtol=1e-4, atol=1e-7)
