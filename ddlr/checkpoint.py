@@ -131,9 +131,16 @@ def restore_latest(
   step = manager.latest_step()
   if step is None:
     return None
-  loop = LoopRecord(
-    **manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
-  )
+  step_dir = os.path.join(str(manager.directory), str(step))
+  try:
+    loop = LoopRecord(
+      **manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+    )
+  except (KeyError, ValueError, TypeError, OSError) as error:
+    raise ResumeError(
+      f"the checkpoint {step_dir} is damaged or incomplete ({_first_line(error)}); "
+      "delete that directory to resume from the previous checkpoint."
+    ) from error
   if loop.num_instances != num_instances:
     raise ResumeError(
       f"the checkpoint at step {step} in {manager.directory} has per-instance rates for "
@@ -145,10 +152,11 @@ def restore_latest(
     restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
-  except (ValueError, KeyError) as error:
+  except (ValueError, KeyError, TypeError, OSError) as error:
     raise ResumeError(
-      f"the checkpoint at step {step} in {manager.directory} does not match this "
-      f"config's model and optimizer: {error}"
+      f"the checkpoint {step_dir} does not match this config's model and optimizer, or "
+      f"is damaged ({_first_line(error)}); if it is damaged, delete that directory to "
+      "resume from the previous checkpoint."
     ) from error
   _check_table_length(restored["opt_state"], num_instances, step)
   state = template.replace(
@@ -161,6 +169,11 @@ def restore_latest(
   )
   logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
   return state, loop
+
+
+def _first_line(error: Exception) -> str:
+  text = str(error).strip().splitlines()
+  return text[0][:300] if text else type(error).__name__
 
 
 def _check_table_length(opt_state, num_instances: int, step: int) -> None:
@@ -213,6 +226,11 @@ def check_resumable_config(saved_config_path: str, config: ml_collections.Config
     )
   for path, (old, new_value) in changed.items():
     logging.info("Resuming with config.%s changed from %r to %r.", path, old, new_value)
+  if "train.num_epochs" in changed:
+    logging.warning(
+      "config.train.num_epochs changed, so the learning-rate schedule is rebuilt for the "
+      "new number of steps from here on."
+    )
 
 
 def truncate_metrics(path: str, last_step: int) -> None:

@@ -110,7 +110,10 @@ def main(argv: list[str]) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
   if not summary["completed"]:
-    print(f"stopped after step {summary['step']}; rerun the same command to continue.")
+    print(
+      f"stopped after step {summary['step']} as config.train.stop_after_steps asks; "
+      "rerun without it, or with a later step, to continue."
+    )
     return
   print(
     f"last-epoch test accuracy {summary['last_epoch_test_accuracy']:.4f} | "

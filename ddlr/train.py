@@ -229,7 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   try:
     resuming = manager.latest_step() is not None
     config_path = os.path.join(workdir, "config.json")
-    if resuming and os.path.exists(config_path):
+    if resuming:
+      for name in ("config.json", "split_record.npz"):
+        if not os.path.exists(os.path.join(workdir, name)):
+          raise checkpoint.ResumeError(
+            f"{workdir} has checkpoints but no {name}, so the run's config cannot be "
+            "checked before resuming; restore the file or use a new --workdir."
+          )
       checkpoint.check_resumable_config(config_path, config)
     data = _load_data(config, workdir, resuming)
     run, state = _build(config, workdir, data)
@@ -353,9 +359,21 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
       f"the checkpoint at step {start_step} records {len(loop.test_accuracy)} evaluated "
       f"epochs, expected {first_epoch - 1}; the checkpoint directory is inconsistent."
     )
+  if start_step > run.total_steps:
+    raise checkpoint.ResumeError(
+      f"the checkpoint at step {start_step} is past the end of this run "
+      f"({config.train.num_epochs} epochs, {run.total_steps} steps); raise "
+      "config.train.num_epochs or use a new --workdir."
+    )
   if start_step:
     logging.info("Resuming at step %d (epoch %d).", start_step, first_epoch)
   every_steps, stop_after = config.checkpoint.every_steps, config.train.stop_after_steps
+  if stop_after and start_step >= stop_after and start_step < run.total_steps:
+    logging.warning(
+      "The run is at step %d, not before config.train.stop_after_steps=%d; stopping.",
+      start_step, stop_after,
+    )  # fmt: skip
+    return state, False
   metrics_log = reporting.MetricsLog(run.workdir)
   progress = reporting.Progress(run.total_steps, config.train.batch_size, first_step=start_step)
   pending = []
@@ -368,7 +386,10 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
         state, step_metrics = run.train_fn(state, run.device_data, batches[index])
         pending.append(step_metrics)
         epoch_end = index == run.steps_per_epoch - 1
-        save_due = (every_steps and step % every_steps == 0 and not epoch_end) or step == stop_after
+        # At an epoch end the checkpoint follows the evaluation, so that a
+        # resumed run finds every finished epoch evaluated.
+        stop_now = step == stop_after
+        save_due = (every_steps and step % every_steps == 0 or stop_now) and not epoch_end
         if step % config.train.log_every_steps == 0 or epoch_end or save_due:
           loop.last_train_loss = _report_steps(
             run, state, pending, step, epoch, metrics_log, progress
@@ -376,7 +397,7 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
           pending = []
         if save_due:
           checkpoint.save(manager, state, loop)
-        if step == stop_after:
+        if stop_now and not epoch_end:
           logging.info("Stopping after step %d as config.train.stop_after_steps asks.", step)
           return state, False
       jax.block_until_ready(state)
@@ -385,6 +406,9 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
       )
       _evaluate_epoch(run, state, loop, epoch, metrics_log)
       checkpoint.save(manager, state, loop)
+      if int(state.step) == stop_after and int(state.step) < run.total_steps:
+        logging.info("Stopping after step %d as config.train.stop_after_steps asks.", stop_after)
+        return state, False
   finally:
     metrics_log.close()
   return state, True

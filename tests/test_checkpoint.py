@@ -1,6 +1,7 @@
 """Checkpoints: bit-identical resumption, a kill during a write, and rejected resumes."""
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -15,7 +16,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from ddlr import checkpoint, train
+from ddlr import checkpoint, reporting, train
+from ddlr import data as data_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 100  # 90 training instances after a reference split of 10
@@ -70,10 +72,11 @@ def finished_run(tmp_path_factory):
   return workdir, _run(_config(), workdir)
 
 
-def test_resumed_run_is_bit_identical(finished_run, tmp_path):
+@pytest.mark.parametrize("stop_after", [7, 5])  # 5 is the end of epoch 1
+def test_resumed_run_is_bit_identical(finished_run, tmp_path, stop_after):
   reference_dir, reference_summary = finished_run
-  stopped = _run(_config(**{"train.stop_after_steps": 7}), tmp_path)
-  assert stopped == {"completed": False, "step": 7}
+  stopped = _run(_config(**{"train.stop_after_steps": stop_after}), tmp_path)
+  assert stopped == {"completed": False, "step": stop_after}
 
   summary = _run(_config(), tmp_path)
 
@@ -176,12 +179,15 @@ def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path):
 
 
 def test_checkpoint_of_other_dataset_size_is_rejected(finished_run, tmp_path):
-  # Without the config and split record beside it, the checkpoint itself must
-  # catch that its per-instance table does not fit the dataset.
+  # With a config and split record that fit the new dataset (as when
+  # checkpoints are copied between runs), the checkpoint itself must catch
+  # that its per-instance table does not fit.
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
-  os.remove(workdir / "config.json")
-  os.remove(workdir / "split_record.npz")
+  config = _config(**{"data.num_train": 90})
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    data_lib.save_split_record(data_lib.load_dataset(config.data), workdir / "split_record.npz")
+  reporting.write_json(str(workdir / "config.json"), json.loads(config.to_json()))
   with pytest.raises(
     checkpoint.ResumeError, match=r"per-instance rates for 90 training instances.*has 80"
   ):
@@ -208,3 +214,27 @@ def test_non_finite_loss_keeps_loadable_checkpoint(tmp_path, monkeypatch):
   assert int(state.step) == 2
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+@pytest.mark.parametrize("name", ["config.json", "split_record.npz"])
+def test_missing_run_record_is_rejected(finished_run, tmp_path, name):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  os.remove(workdir / name)
+  with pytest.raises(checkpoint.ResumeError, match=f"has checkpoints but no {name}"):
+    _run(_config(), workdir)
+
+
+def test_checkpoint_past_the_end_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  with pytest.raises(checkpoint.ResumeError, match=r"step 10 is past the end of this run"):
+    _run(_config(**{"train.num_epochs": 1}), workdir)
+
+
+def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  os.mkdir(workdir / "checkpoints" / "999")
+  with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/999 is damaged or incomplete"):
+    _run(_config(), workdir)
