@@ -5,8 +5,8 @@ r"""Times a ddlr train step against a uniform one, side by side in one process.
 
 For one model, batch and random data held on the device, every variant's
 jitted train step is compiled, warmed up, and timed step by step (each step
-waits for its result); the variants are timed in interleaved rounds so that
-load changes on the machine affect them alike. It prints, per variant, the
+waits for its result); the variants take turns in two rounds of consecutive
+steps so that load changes on the machine affect them alike. It prints, per variant, the
 median step time, its ratio to the uniform step (SGD with momentum, same model
 and batch), and the compiled step's temporary memory (XLA's memory analysis:
 the working memory beyond parameters, optimizer state and data) with its
@@ -106,7 +106,12 @@ def build_step(variant: Variant, model, device_data):
 
 
 def time_variants(variants, model, device_data) -> dict[str, list[float]]:
-  """Returns each variant's step times in seconds, timed in interleaved rounds."""
+  """Returns each variant's step times in seconds and its compiled temporary memory.
+
+  Each round runs every variant for a block of consecutive steps, warm-up
+  steps first, so a large variant (vmap) does not evict the caches of the step
+  timed after it, while load changes between rounds still affect all alike.
+  """
   built = {variant.name: build_step(variant, model, device_data) for variant in variants}
   states = {name: entry[1] for name, entry in built.items()}
   batches = [
@@ -114,13 +119,16 @@ def time_variants(variants, model, device_data) -> dict[str, list[float]]:
     for i in range(FLAGS.warmup + FLAGS.steps)
   ]
   times = {name: [] for name in built}
-  for index, ids in enumerate(batches):
+  rounds = 2
+  per_round = -(-FLAGS.steps // rounds)
+  for _ in range(rounds):
     for name, (step, _, _) in built.items():
-      start = time.perf_counter()
-      states[name], metrics = step(states[name], device_data, ids)
-      jax.block_until_ready(metrics)
-      if index >= FLAGS.warmup:
-        times[name].append(time.perf_counter() - start)
+      for index, ids in enumerate(batches[: FLAGS.warmup + per_round]):
+        start = time.perf_counter()
+        states[name], metrics = step(states[name], device_data, ids)
+        jax.block_until_ready(metrics)
+        if index >= FLAGS.warmup:
+          times[name].append(time.perf_counter() - start)
   return times, {name: entry[2] for name, entry in built.items()}
 
 
