@@ -1,6 +1,6 @@
 """Orbax checkpoints of a run: train state, per-instance rates and loop position.
 
-A checkpoint holds the whole `TrainState` (parameters, BatchNorm statistics,
+A checkpoint contains the whole `TrainState` (parameters, BatchNorm statistics,
 optimizer state with every per-instance rate and its hyper-optimizer state,
 the step and the PRNG key) and a JSON record of the loop (evaluation history,
 step times, number of training instances). The data order is a function of the
@@ -221,7 +221,7 @@ def check_resumable_config(saved_config_path: str, config: ml_collections.Config
   if unsafe:
     differences = "; ".join(f"config.{p}: {old!r} -> {new!r}" for p, (old, new) in unsafe.items())
     raise ResumeError(
-      f"the workdir holds a run with a different config, so it cannot be resumed: "
+      f"the workdir contains a run with a different config, so it cannot be resumed: "
       f"{differences}. Use a new --workdir, or restore these values."
     )
   for path, (old, new_value) in changed.items():

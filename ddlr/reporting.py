@@ -1,4 +1,4 @@
-"""What a run writes: metrics a person can plot, progress lines and final outputs."""
+"""Run outputs: metrics a person can plot, progress lines and final files."""
 
 import json
 import os

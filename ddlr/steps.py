@@ -26,8 +26,8 @@ from ddlr import optim
 #   momentum   the base optimizer's momentum buffer (past batches only);
 #   reference  a batch of the held-out reference split.
 REFERENCES = ("batch", "lookahead", "split", "momentum", "reference")
-# Where the `reference` batch's gradient is taken: after the step (exact for
-# SGD) or at the current parameters (first-order shortcut, one forward less).
+# Parameters at which the `reference` batch's gradient is taken: after the step
+# (exact for SGD), or the current ones (a first-order shortcut, one forward less).
 REFERENCE_POINTS = ("lookahead", "current")
 PRECONDITIONERS = ("identity", "adam")
 

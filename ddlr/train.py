@@ -186,7 +186,7 @@ def _table_rate_stats(opt_state) -> dict[str, float]:
 
 @dataclasses.dataclass
 class _Run:
-  """What the training loop needs, built once per process."""
+  """Data, schedule and jitted steps of one run, built once per process."""
 
   config: ml_collections.ConfigDict
   workdir: str
@@ -341,7 +341,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
 def epoch_batches(order_rng, epoch: int, num_instances: int, batch_size: int) -> jax.Array:
   """Returns the instance ids of every batch of `epoch`, [steps_per_epoch, batch_size].
 
-  The order depends only on the seed and the epoch, so a resumed run sees the
+  The order depends only on the seed and the epoch, so a resumed run gets the
   same batches as an uninterrupted one.
   """
   order = jax.random.permutation(jax.random.fold_in(order_rng, epoch), num_instances)

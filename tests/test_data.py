@@ -691,5 +691,5 @@ def test_tfds_slice_beyond_split_raises(fashion_mnist_data_dir):
 
 
 def test_mnist_from_fashion_files_raises():
-  with pytest.raises(data_lib.DataError, match="holds the Fashion-MNIST files, not mnist"):
+  with pytest.raises(data_lib.DataError, match="contains the Fashion-MNIST files, not mnist"):
     data_lib.load_split("mnist", "train", source="idx", data_dir=None, manual_dir=DEBIAN_DIR)

@@ -107,7 +107,7 @@ def holds_fashion_mnist(directory: str) -> bool:
   """Returns whether `directory` has the Debian Fashion-MNIST training labels file.
 
   The IDX format of MNIST and Fashion-MNIST is the same, so only the content
-  tells them apart; the 60 KB labels file is enough to hash.
+  distinguishes them. Hashing the 60 KB labels file is enough.
   """
   filename = "train-labels-idx1-ubyte.gz"
   path = os.path.join(directory, filename)

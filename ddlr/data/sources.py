@@ -155,7 +155,7 @@ def _load_raw_split(
   _check_directory("manual_dir", manual_dir)
   if name == "mnist" and fashion_offline.holds_fashion_mnist(manual_dir):
     raise DataError(
-      f"manual_dir {manual_dir} holds the Fashion-MNIST files, not mnist; set "
+      f"manual_dir {manual_dir} contains the Fashion-MNIST files, not mnist; set "
       "config.data.manual_dir to the MNIST files or config.data.name='fashion_mnist'"
     )
   if name in ("mnist", "fashion_mnist"):
