@@ -10,15 +10,12 @@ of the last- and best-epoch test accuracy, the AUROC of the learned rates
 against the corruption mask, and the seconds per step.
 """
 
-import json
-import os
 import sys
 
-import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from ddlr import train
+from experiments import sweep
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
@@ -26,66 +23,28 @@ flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory p
 flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
 flags.mark_flags_as_required(["workdir"])
 
-METHODS = {"uniform": False, "ddlr": True}
-COLUMNS = (
-  ("last_epoch_test_accuracy", "last-epoch test acc."),
-  ("best_epoch_test_accuracy", "best-epoch test acc."),
-  ("auroc", "AUROC"),
-  ("seconds_per_step", "s/step"),
-)
 
-
-def run_or_load(config, workdir: str) -> dict:
-  """Returns the summary of the run in `workdir`, training it first if it has none."""
-  summary_path = os.path.join(workdir, "summary.json")
-  if os.path.exists(summary_path):
-    logging.info("Reusing the finished run in %s.", workdir)
-    with open(summary_path) as f:
-      return json.load(f)
-  return train.train_and_evaluate(config, workdir)
-
-
-def format_cell(values: list[float]) -> str:
-  """Formats mean ± std (population) of `values`, or `n/a` when there are none."""
-  if not values:
-    return "n/a"
-  if len(values) == 1:
-    return f"{values[0]:.4f}"
-  return f"{np.mean(values):.4f} ± {np.std(values):.4f}"
-
-
-def results_table(summaries: dict[str, list[dict]], seeds: list[int]) -> str:
-  """Returns the Markdown table of the summaries, one row per method."""
-  header = "| method | " + " | ".join(title for _, title in COLUMNS) + " |"
-  lines = [f"Seeds: {', '.join(map(str, seeds))}.", "", header]
-  lines.append("|---" * (len(COLUMNS) + 1) + "|")
-  for method, runs in summaries.items():
-    cells = [format_cell([run[key] for run in runs if key in run]) for key, _ in COLUMNS]
-    lines.append(f"| {method} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+def method_rows(config) -> list[sweep.Row]:
+  """Returns the two rows of the sweep: `config` without and with per-instance rates."""
+  rows = []
+  for name, enabled in (("uniform", False), ("ddlr", True)):
+    row_config = config.copy_and_resolve_references()
+    row_config.ddlr.enabled = enabled
+    rows.append(sweep.Row(name, row_config))
+  return rows
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
   try:
-    seeds = [int(seed) for seed in FLAGS.seeds]
-  except ValueError:
-    print(f"error: --seeds must be integers, got {FLAGS.seeds}.", file=sys.stderr)
+    seeds = sweep.parse_seeds(FLAGS.seeds)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
-  summaries = {}
-  for method, enabled in METHODS.items():
-    summaries[method] = []
-    for seed in seeds:
-      config = FLAGS.config.copy_and_resolve_references()
-      config.ddlr.enabled = enabled
-      config.seed = seed
-      workdir = os.path.join(FLAGS.workdir, f"{method}_seed{seed}")
-      summaries[method].append(run_or_load(config, workdir))
-  table = results_table(summaries, seeds)
-  path = os.path.join(FLAGS.workdir, "results.md")
-  with open(path, "w") as f:
-    f.write(table)
+  summaries = sweep.run_rows(method_rows(FLAGS.config), seeds, FLAGS.workdir)
+  table = sweep.results_table(summaries, seeds, relative_time_to="uniform")
+  path = sweep.write_table(FLAGS.workdir, table)
   print(table)
   print(f"table written to {path}")
 

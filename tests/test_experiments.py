@@ -1,15 +1,34 @@
-"""Tests of the uniform-versus-ddlr sweep: resuming and the Markdown table."""
+"""Tests of the sweep machinery: resuming, row names and the Markdown tables."""
 
 import json
 
-from experiments import uniform_vs_ddlr
+import pytest
+
+from configs import default
+from experiments import sweep, uniform_vs_ddlr
 
 
 def test_finished_run_is_reused(tmp_path):
   summary = {"last_epoch_test_accuracy": 0.5, "best_epoch_test_accuracy": 0.6}
   (tmp_path / "summary.json").write_text(json.dumps(summary))
   # A config of None would fail if training started, so reuse is what returns.
-  assert uniform_vs_ddlr.run_or_load(None, str(tmp_path)) == summary
+  assert sweep.run_or_load(None, str(tmp_path)) == summary
+
+
+def test_run_rows_reuses_every_seed(tmp_path):
+  for seed in (3, 4):
+    run_dir = tmp_path / f"uniform_seed{seed}"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"seed": seed}))
+  rows = [sweep.Row("uniform", default.get_config("quick"))]
+  summaries = sweep.run_rows(rows, [3, 4], str(tmp_path))
+  assert summaries == {"uniform": [{"seed": 3}, {"seed": 4}]}
+
+
+def test_run_rows_rejects_repeated_names(tmp_path):
+  config = default.get_config("quick")
+  with pytest.raises(ValueError, match=r"repeated: \['ddlr'\]"):
+    sweep.run_rows([sweep.Row("ddlr", config), sweep.Row("ddlr", config)], [0], str(tmp_path))
 
 
 def test_results_table_gives_mean_and_std():
@@ -27,9 +46,39 @@ def test_results_table_gives_mean_and_std():
            "seconds_per_step": 0.1},
       ],
   }  # fmt: skip
-  table = uniform_vs_ddlr.results_table(runs, [0, 1]).splitlines()
+  table = sweep.results_table(runs, [0, 1], relative_time_to="uniform").splitlines()
   assert table[0] == "Seeds: 0, 1."
-  assert table[4] == "| uniform | 0.8100 ± 0.0100 | 0.8500 ± 0.0100 | n/a | 0.0500 ± 0.0000 |"
-  assert (
-    table[5] == "| ddlr | 0.8800 ± 0.0000 | 0.8850 ± 0.0050 | 0.9750 ± 0.0050 | 0.1000 ± 0.0000 |"
+  assert table[2].endswith("| s/step | time/step vs uniform |")
+  assert table[4] == (
+    "| uniform | 0.8100 ± 0.0100 | 0.8500 ± 0.0100 | n/a | 0.0500 ± 0.0000 | 1.00x |"
   )
+  assert table[5] == (
+    "| ddlr | 0.8800 ± 0.0000 | 0.8850 ± 0.0050 | 0.9750 ± 0.0050 | 0.1000 ± 0.0000 | 2.00x |"
+  )
+
+
+def test_results_table_heads_each_group():
+  runs = {name: [{"auroc": 0.5}] for name in ("ddlr", "reweight", "uniform")}
+  groups = {"ddlr": "trusted", "reweight": "trusted", "uniform": "untrusted"}
+  table = sweep.results_table(runs, [0], [("auroc", "AUROC")], groups=groups).splitlines()
+  assert table[4:] == [
+    "| **trusted** | |",
+    "| ddlr | 0.5000 |",
+    "| reweight | 0.5000 |",
+    "| **untrusted** | |",
+    "| uniform | 0.5000 |",
+  ]
+
+
+def test_parse_seeds_names_bad_value():
+  assert sweep.parse_seeds(["0", "2"]) == [0, 2]
+  with pytest.raises(ValueError, match="got 'x'"):
+    sweep.parse_seeds(["0", "x"])
+
+
+def test_uniform_vs_ddlr_rows_differ_only_in_switch():
+  rows = uniform_vs_ddlr.method_rows(default.get_config("quick"))
+  assert [row.name for row in rows] == ["uniform", "ddlr"]
+  assert [row.config.ddlr.enabled for row in rows] == [False, True]
+  rows[0].config.ddlr.enabled = True
+  assert rows[0].config.to_dict() == rows[1].config.to_dict()

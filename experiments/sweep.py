@@ -1,0 +1,157 @@
+"""Shared machinery of the sweeps: run a grid of configs over seeds and tabulate the summaries.
+
+A sweep is a list of `Row`s (a name, a config and an optional group) run for
+every seed. Each run trains in `workdir/<name>_seed<k>`; a run whose
+`summary.json` exists is reused, and an interrupted run resumes from its
+latest checkpoint, so a sweep can be stopped and restarted at any point.
+"""
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ddlr import train
+
+# (summary key, column title) of the default table.
+DEFAULT_COLUMNS = (
+  ("last_epoch_test_accuracy", "last-epoch test acc."),
+  ("best_epoch_test_accuracy", "best-epoch test acc."),
+  ("auroc", "AUROC"),
+  ("seconds_per_step", "s/step"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One method or setting of a sweep: a table row, run once per seed."""
+
+  name: str  # also the run directory prefix, so it must be unique within a sweep
+  config: ml_collections.ConfigDict
+  group: str = ""  # rows with the same group share a sub-table heading
+
+
+def run_or_load(config, workdir: str) -> dict:
+  """Returns the summary of the run in `workdir`, training it first if it has none."""
+  summary_path = os.path.join(workdir, "summary.json")
+  if os.path.exists(summary_path):
+    logging.info("Reusing the finished run in %s.", workdir)
+    with open(summary_path) as f:
+      return json.load(f)
+  return train.train_and_evaluate(config, workdir)
+
+
+def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[str, list[dict]]:
+  """Trains (or reuses) every row for every seed.
+
+  Returns:
+    The summaries, keyed by row name, one per seed in the order of `seeds`.
+
+  Raises:
+    ValueError: two rows share a name.
+  """
+  names = [row.name for row in rows]
+  duplicates = sorted({name for name in names if names.count(name) > 1})
+  if duplicates:
+    raise ValueError(f"sweep rows must have unique names; repeated: {duplicates}")
+  summaries = {}
+  for row in rows:
+    summaries[row.name] = []
+    for seed in seeds:
+      config = row.config.copy_and_resolve_references()
+      config.seed = seed
+      run_dir = os.path.join(workdir, f"{row.name}_seed{seed}")
+      logging.info("Sweep run %s, seed %d, in %s.", row.name, seed, run_dir)
+      summaries[row.name].append(run_or_load(config, run_dir))
+  return summaries
+
+
+def format_cell(values: Sequence[float], digits: int = 4) -> str:
+  """Formats mean ± std (population) of `values`, or `n/a` when there are none."""
+  if not values:
+    return "n/a"
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def results_table(
+  summaries: dict[str, list[dict]],
+  seeds: Sequence[int],
+  columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS,
+  *,
+  groups: dict[str, str] | None = None,
+  relative_time_to: str | None = None,
+) -> str:
+  """Returns a Markdown table of the summaries: one row per name, mean ± std over seeds.
+
+  Args:
+    summaries: row name -> summaries (as `run_rows` returns).
+    seeds: the seeds the summaries came from, stated above the table.
+    columns: (summary key, title) pairs; a key absent from a run is left out
+      of that cell, and a cell with no values reads `n/a`.
+    groups: optional row name -> group title; rows are listed in the order of
+      `summaries` under a bold group line whenever the group changes.
+    relative_time_to: a row name; adds a column with each row's median
+      seconds per step divided by that row's, over the same seeds.
+
+  Raises:
+    KeyError: `relative_time_to` is not a row of `summaries`.
+  """
+  titles = [title for _, title in columns]
+  if relative_time_to is not None:
+    titles.append(f"time/step vs {relative_time_to}")
+    reference_time = _median_time(summaries[relative_time_to])
+  lines = [f"Seeds: {', '.join(map(str, seeds))}.", ""]
+  lines.append("| method | " + " | ".join(titles) + " |")
+  lines.append("|---" * (len(titles) + 1) + "|")
+  current_group = None
+  for name, runs in summaries.items():
+    group = (groups or {}).get(name)
+    if group is not None and group != current_group:
+      lines.append(f"| **{group}** |" + " |" * len(titles))
+      current_group = group
+    cells = [
+      format_cell([run[key] for run in runs if run.get(key) is not None]) for key, _ in columns
+    ]
+    if relative_time_to is not None:
+      time = _median_time(runs)
+      ratio = time / reference_time if time and reference_time else None
+      cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
+    lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def _median_time(runs: list[dict]) -> float | None:
+  times = [run["seconds_per_step"] for run in runs if run.get("seconds_per_step")]
+  return float(np.median(times)) if times else None
+
+
+def write_table(workdir: str, table: str, name: str = "results.md") -> str:
+  """Writes `table` to `workdir/name` and returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, name)
+  with open(path, "w") as f:
+    f.write(table)
+  return path
+
+
+def parse_seeds(values: Sequence[str]) -> list[int]:
+  """Returns the integer seeds of a `--seeds` list flag.
+
+  Raises:
+    ValueError: a value is not an integer (the message names it).
+  """
+  seeds = []
+  for value in values:
+    try:
+      seeds.append(int(value))
+    except ValueError:
+      raise ValueError(f"--seeds must be comma-separated integers, got {value!r}") from None
+  if not seeds:
+    raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds=0,1,2")
+  return seeds
