@@ -1,8 +1,8 @@
 """Shared machinery of the sweeps: run a grid of configs over seeds and tabulate the summaries.
 
 A sweep is a list of `Row`s (a name, a config and an optional group) run for
-every seed. Each run trains in `workdir/<name>_seed<k>`; a run whose
-`summary.json` exists is reused, and an interrupted run resumes from its
+every seed. Each run trains in `workdir/<name>_seed<k>`. A run whose
+`summary.json` exists is reused and an interrupted run resumes from its
 latest checkpoint, so a sweep can be stopped and restarted at any point.
 """
 
