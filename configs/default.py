@@ -66,6 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ddlr.reference_batch_size = 128
   # Recompute the reference-split gradient every this many steps (1: every
   # step); in between the last one is reused, saving its forward and backward.
+  # Above 1 it is computed after every k-th update, so reference_at must stay
+  # 'lookahead'.
   config.ddlr.reference_every_steps = 1
   config.ddlr.alignment = "jvp"  # jvp (fast, O(P) memory) | vmap (per-example gradients)
   # With 'rms' each visit moves an instance's log rate by about

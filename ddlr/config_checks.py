@@ -83,6 +83,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "config.ddlr.reference='momentum' needs a momentum buffer; "
         "config.optimizer.name='sgd' keeps none."
       )
+  if config.ddlr.reference_every_steps > 1 and config.ddlr.reference_at == "current":
+    raise ConfigError(
+      f"config.ddlr.reference_at='current' applies only to reference_every_steps=1, got "
+      f"reference_every_steps={config.ddlr.reference_every_steps}: a reused reference gradient "
+      "is computed after every k-th update, at the parameters it produced. Set "
+      "reference_at='lookahead' or reference_every_steps=1."
+    )
   if config.ddlr.enabled and config.ddlr.reference == "split":
     if config.train.batch_size < 2:
       raise ConfigError("config.ddlr.reference='split' needs config.train.batch_size >= 2.")

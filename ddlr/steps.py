@@ -41,7 +41,8 @@ class TrainState(struct.PyTreeNode):
   opt_state: optax.OptState
   rng: jax.Array  # PRNG key for the reference batches
   # The last reference-split gradient, reused between refreshes when
-  # StepSettings.reference_every_steps > 1; None otherwise.
+  # StepSettings.reference_every_steps > 1 (`initial_reference_direction`
+  # gives its value before the first step); None otherwise.
   reference_direction: Any = None
 
 
@@ -66,7 +67,9 @@ class StepSettings:
   class_rates: bool = False
   reference_batch_size: int = 128
   # Recompute the reference-split gradient every this many steps and reuse it
-  # in between; 1 recomputes it every step.
+  # in between; 1 recomputes it every step. With k > 1 it is computed after
+  # every k-th update, at the parameters that update produced, and
+  # `reference_at` does not apply.
   reference_every_steps: int = 1
   # True: one jax.linearize gives the losses, the gradient (its transpose) and
   # the alignment (its JVP). False: jax.vjp for the gradient and a separate
@@ -133,7 +136,7 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     losses, (logits, batch_stats) = lin.losses, lin.aux
     grads = lin.vjp(rates / batch_size)
     if settings.enabled:
-      alignment, reference_direction = compute_batch_alignment(
+      alignment = compute_batch_alignment(
           state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
           settings=settings,
       )  # fmt: skip
@@ -146,6 +149,17 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
 
   params = optax.apply_updates(state.params, updates)
+  if caches_reference(settings):
+    # The refresh runs after the update, when this batch's stored activations
+    # are freed, so the reference pass does not raise the step's peak memory.
+    reference_direction = jax.lax.cond(
+      (state.step + 1) % settings.reference_every_steps == 0,
+      lambda: reference_split_gradient(
+        model, batch_stats, params, data, reference_rng, settings.reference_batch_size
+      ),
+      lambda: state.reference_direction,
+    )
+
   new_state = state.replace(
     step=state.step + 1,
     params=params,
@@ -229,11 +243,7 @@ def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:
 def compute_batch_alignment(
   state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
 ) -> jax.Array:
-  """Returns the alignment [B] with the configured reference gradient, and the cached one.
-
-  The second value is the reference-split gradient to keep in the train state
-  (unchanged unless this step refreshed it).
-  """
+  """Returns the alignment [B] of each example with the configured reference gradient."""
   precondition = _preconditioner(state.opt_state, settings)
   batch_size = ids.shape[0]
 
@@ -249,7 +259,7 @@ def compute_batch_alignment(
       precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
     )
     both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
-    return jnp.where(first_half, both[0], both[1]), state.reference_direction
+    return jnp.where(first_half, both[0], both[1])
 
   if settings.reference == "batch":
     direction = grads
@@ -259,34 +269,47 @@ def compute_batch_alignment(
     params_after = lookahead_params(state, grads, ids, labels, tx)
     images = data.train_images[ids]
     direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
-  elif settings.reference_every_steps == 1:
-    direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
+  elif caches_reference(settings):
+    direction = state.reference_direction
   else:
-    direction = jax.lax.cond(
-      state.step % settings.reference_every_steps == 0,
-      lambda: reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings),
-      lambda: state.reference_direction,
-    )
+    direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
   tangents = alignment_lib.stack_tangents(precondition(direction))
-  alignment = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
-  if settings.reference == "reference" and settings.reference_every_steps > 1:
-    return alignment, direction
-  return alignment, state.reference_direction
+  return alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
+
+
+def caches_reference(settings: StepSettings) -> bool:
+  """Returns whether the train state keeps a reference gradient between refreshes."""
+  return (
+    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
+  )
+
+
+def initial_reference_direction(state: TrainState, data: DeviceData, *, model, settings):
+  """Returns the reference-split gradient at the initial parameters, for the first k steps."""
+  _, reference_rng = jax.random.split(state.rng)
+  return reference_split_gradient(
+    model, state.batch_stats, state.params, data, reference_rng, settings.reference_batch_size
+  )
 
 
 def reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings):
-  """Returns the mean loss gradient of a random batch of the reference split."""
-  num_reference = data.reference_labels.shape[0]
-  size = settings.reference_batch_size
-  picked = jax.random.choice(rng, num_reference, (size,), replace=size > num_reference)
+  """Returns the reference-split gradient at the point `settings.reference_at` names."""
   if settings.reference_at == "lookahead":
     params = lookahead_params(state, grads, ids, labels, tx)
   else:
     params = state.params
+  return reference_split_gradient(
+    model, state.batch_stats, params, data, rng, settings.reference_batch_size
+  )
+
+
+def reference_split_gradient(model, batch_stats, params, data, rng, batch_size):
+  """Returns the mean loss gradient at `params` of a random batch of the reference split."""
+  num_reference = data.reference_labels.shape[0]
+  picked = jax.random.choice(rng, num_reference, (batch_size,), replace=batch_size > num_reference)
   return mean_loss_gradient(
-      model, state.batch_stats, params, data.reference_images[picked],
-      data.reference_labels[picked],
-  )  # fmt: skip
+    model, batch_stats, params, data.reference_images[picked], data.reference_labels[picked]
+  )
 
 
 def lookahead_params(state, grads, ids, labels, tx):

@@ -108,8 +108,8 @@ def create_train_state(
 ) -> steps.TrainState:
   """Initialises parameters, BatchNorm statistics and optimizer state.
 
-  With `cache_reference`, the state keeps a params-shaped reference gradient
-  (zeros until the first refresh at step 0).
+  With `cache_reference`, the state keeps a params-shaped reference gradient,
+  zeros until the caller sets `steps.initial_reference_direction`.
   """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, sample_images, train=False)
@@ -308,22 +308,27 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
   )
   rng = jax.random.key(config.seed)
   settings = step_settings(config)
-  cache_reference = (
-    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
+  device_data = steps.DeviceData(
+    train_images=jnp.asarray(data.images),
+    train_labels=jnp.asarray(data.labels),
+    reference_images=jnp.asarray(data.reference_images),
+    reference_labels=jnp.asarray(data.reference_labels),
   )
-  state = create_train_state(model, tx, data.images[:1], rng, cache_reference=cache_reference)
+  state = create_train_state(
+    model, tx, data.images[:1], rng, cache_reference=steps.caches_reference(settings)
+  )
+  if steps.caches_reference(settings):
+    initial_direction = jax.jit(
+      functools.partial(steps.initial_reference_direction, model=model, settings=settings)
+    )
+    state = state.replace(reference_direction=initial_direction(state, device_data))
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %d parameters.", config.model.name, num_params)
   run = _Run(
     config=config,
     workdir=workdir,
     data=data,
-    device_data=steps.DeviceData(
-      train_images=jnp.asarray(data.images),
-      train_labels=jnp.asarray(data.labels),
-      reference_images=jnp.asarray(data.reference_images),
-      reference_labels=jnp.asarray(data.reference_labels),
-    ),
+    device_data=device_data,
     learning_rate=learning_rate,
     train_fn=jax.jit(
       functools.partial(steps.train_step, model=model, tx=tx, settings=settings),

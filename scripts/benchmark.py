@@ -8,9 +8,9 @@ jitted train step is compiled, warmed up, and timed step by step (each step
 waits for its result); the variants take turns in two rounds of consecutive
 steps so that load changes on the machine affect them alike. It prints, per variant, the
 median step time, its ratio to the uniform step (SGD with momentum, same model
-and batch), and the compiled step's temporary memory (XLA's memory analysis:
-the working memory beyond parameters, optimizer state and data) with its
-ratio to the uniform step's.
+and batch), and two figures of XLA's memory analysis of the compiled step with
+their ratios to the uniform step's: the temporary (working) memory, and the
+peak, which adds the train state and outputs but not the shared dataset.
 """
 
 import dataclasses
@@ -47,6 +47,12 @@ flags.DEFINE_list(
   "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, vmap or direct-jvp "
   "(jax.vjp plus a separate jax.jvp) and k the reference refresh interval. vmap forms "
   "B per-example gradients, so its steps take minutes on a CPU.",
+)
+flags.DEFINE_list(
+  "memory_only",
+  [],
+  "Variants (same format) that are compiled for their memory analysis but not timed, e.g. "
+  "vmap/momentum on ResNet-18, whose per-example gradients make a CPU step take minutes.",
 )
 
 # Input shapes of the datasets each model is benchmarked on.
@@ -89,20 +95,43 @@ def build_step(variant: Variant, model, device_data):
     config, num_instances=NUM_INSTANCES, num_classes=NUM_CLASSES, learning_rate=learning_rate
   )
   settings = variant.settings
-  cache = (
-    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
-  )
+  cache = steps.caches_reference(settings)
   state = train.create_train_state(
     model, tx, device_data.train_images[:1], jax.random.key(0), cache_reference=cache
   )
+  if cache:
+    initial_direction = functools.partial(
+      steps.initial_reference_direction, model=model, settings=settings
+    )
+    state = state.replace(reference_direction=jax.jit(initial_direction)(state, device_data))
   step = jax.jit(
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings), donate_argnums=0
   )
   ids = jnp.arange(FLAGS.batch_size)
   compiled = step.lower(state, device_data, ids).compile()
-  memory = compiled.memory_analysis()
-  temporary = getattr(memory, "temp_size_in_bytes", None) if memory is not None else None
-  return step, state, temporary
+  return step, state, compiled_memory(compiled, device_data)
+
+
+def compiled_memory(compiled, device_data) -> dict[str, int | None]:
+  """Returns XLA's memory analysis of a compiled step, in bytes.
+
+  `temp` is the working memory beyond the step's inputs and outputs. `peak`
+  adds the inputs and outputs that are not donated buffers reused in place
+  (train state, ids, the new state and metrics) and leaves out the dataset,
+  which both steps share: it estimates the device memory a step needs.
+  """
+  analysis = compiled.memory_analysis()
+  if analysis is None or not hasattr(analysis, "temp_size_in_bytes"):
+    return {"temp": None, "peak": None}
+  data_bytes = sum(x.nbytes for x in jax.tree.leaves(device_data))
+  peak = (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + analysis.temp_size_in_bytes
+    - data_bytes
+  )
+  return {"temp": analysis.temp_size_in_bytes, "peak": peak}
 
 
 def time_variants(variants, model, device_data) -> dict[str, list[float]]:
@@ -159,18 +188,26 @@ def main(argv):
     f"{FLAGS.steps} timed steps after {FLAGS.warmup} warm-up steps per variant"
   )
   times, memory = time_variants(variants, model, device_data)
+  for name in FLAGS.memory_only:
+    memory[name] = build_step(parse_variant(name), model, device_data)[2]
   uniform_time = float(np.median(times["uniform"]))
-  uniform_memory = memory["uniform"]
-  print("| variant | median step (ms) | vs uniform | temp memory (MiB) | vs uniform |")
-  print("|---|---|---|---|---|")
-  for name, values in times.items():
-    median = float(np.median(values))
-    mem = memory[name]
-    mem_text = f"{mem / 2**20:.1f}" if mem is not None else "n/a"
-    mem_ratio = f"{mem / uniform_memory:.2f}x" if mem and uniform_memory else "n/a"
-    print(
-      f"| {name} | {1e3 * median:.1f} | {median / uniform_time:.2f}x | {mem_text} | {mem_ratio} |"
-    )
+  print(
+    "| variant | median step (ms) | vs uniform | temp memory (MiB) | vs uniform "
+    "| peak memory (MiB) | vs uniform |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for name, sizes in memory.items():
+    values = times.get(name)
+    if values:
+      median = float(np.median(values))
+      cells = [f"{1e3 * median:.1f}", f"{median / uniform_time:.2f}x"]
+    else:
+      cells = ["not timed", "n/a"]
+    for kind in ("temp", "peak"):
+      size, uniform_size = sizes[kind], memory["uniform"][kind]
+      cells.append(f"{size / 2**20:.1f}" if size is not None else "n/a")
+      cells.append(f"{size / uniform_size:.2f}x" if size and uniform_size else "n/a")
+    print(f"| {name} | " + " | ".join(cells) + " |")
   sys.stdout.flush()
 
 

@@ -178,22 +178,35 @@ def test_reference_gradient_refreshes_every_k_steps():
   tx = optim.ddlr(
     optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=0.5
   )
-  state = steps.TrainState(
-    step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
-    rng=jax.random.key(1), reference_direction=jax.tree.map(jnp.zeros_like, params),
-  )  # fmt: skip
   settings = steps.StepSettings(
     reference="reference", reference_batch_size=4, reference_every_steps=3
   )
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
+    rng=jax.random.key(1), reference_direction=None,
+  )  # fmt: skip
+  initial = steps.initial_reference_direction(state, data, model=model, settings=settings)
+  state = state.replace(reference_direction=initial)
   step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
-  directions = []
+  directions, reference_rngs = [], []
   for index in range(4):
+    reference_rngs.append(jax.random.split(state.rng)[1])
     state, _ = step(state, data, jnp.arange(BATCH_SIZE) + index)
-    directions.append(jax.tree.leaves(state.reference_direction)[0])
-  assert float(jnp.max(jnp.abs(directions[0]))) > 0.0  # refreshed at step 0
-  np.testing.assert_array_equal(directions[1], directions[0])
-  np.testing.assert_array_equal(directions[2], directions[0])
-  assert not np.array_equal(directions[3], directions[0])  # refreshed at step 3
+    directions.append(state.reference_direction)
+    if index == 2:
+      params_after_third = state.params
+
+  first_leaf = [jax.tree.leaves(direction)[0] for direction in directions]
+  assert float(jnp.max(jnp.abs(jax.tree.leaves(initial)[0]))) > 0.0
+  np.testing.assert_array_equal(first_leaf[0], jax.tree.leaves(initial)[0])
+  np.testing.assert_array_equal(first_leaf[1], jax.tree.leaves(initial)[0])
+  # Refreshed after the third update, at the parameters it produced.
+  expected = steps.reference_split_gradient(
+    model, {}, params_after_third, data, reference_rngs[2], 4
+  )
+  for got, want in zip(jax.tree.leaves(directions[2]), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_array_equal(first_leaf[3], first_leaf[2])
 
 
 def test_split_with_batch_norm_uses_coupled_gradients():

@@ -9,7 +9,7 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from ddlr import train
-from ddlr.config_checks import ConfigError
+from ddlr.config_checks import ConfigError, validate_config
 
 
 def _tiny_config(**overrides):
@@ -97,6 +97,12 @@ def test_invalid_config_value_raises(tmp_path, path, value, message):
   with pytest.raises(ConfigError, match=message):
     with tfds.testing.mock_data(num_examples=100):
       train.train_and_evaluate(_tiny_config(**{path: value}), str(tmp_path))
+
+
+def test_reused_reference_rejects_current_point():
+  config = _tiny_config(**{"ddlr.reference_every_steps": 4, "ddlr.reference_at": "current"})
+  with pytest.raises(ConfigError, match=r"reference_at='current' applies only to"):
+    validate_config(config)
 
 
 def test_workdir_that_is_a_file_raises(tmp_path):
