@@ -8,9 +8,10 @@ jitted train step is compiled, warmed up, and timed step by step (each step
 waits for its result); the variants take turns in two rounds of consecutive
 steps so that load changes on the machine affect them alike. It prints, per variant, the
 median step time, its ratio to the uniform step (SGD with momentum, same model
-and batch), and two figures of XLA's memory analysis of the compiled step with
-their ratios to the uniform step's: the temporary (working) memory, and the
-peak, which adds the train state and outputs but not the shared dataset.
+and batch), and three figures of XLA's analysis of the compiled step with
+their ratios to the uniform step's: floating-point operations, the temporary
+(working) memory, and the peak, which adds the train state and outputs but
+not the shared dataset.
 """
 
 import dataclasses
@@ -113,16 +114,20 @@ def build_step(variant: Variant, model, device_data):
 
 
 def compiled_memory(compiled, device_data) -> dict[str, int | None]:
-  """Returns XLA's memory analysis of a compiled step, in bytes.
+  """Returns XLA's cost and memory analysis of a compiled step: FLOPs, and bytes.
 
   `temp` is the working memory beyond the step's inputs and outputs. `peak`
   adds the inputs and outputs that are not donated buffers reused in place
   (train state, ids, the new state and metrics) and leaves out the dataset,
   which both steps share: it estimates the device memory a step needs.
   """
+  costs = compiled.cost_analysis()
+  # Older jax versions return one cost dict per computation in a list.
+  costs = costs[0] if isinstance(costs, list) else costs
+  flops = costs.get("flops") if costs else None
   analysis = compiled.memory_analysis()
   if analysis is None or not hasattr(analysis, "temp_size_in_bytes"):
-    return {"temp": None, "peak": None}
+    return {"temp": None, "peak": None, "flops": flops}
   data_bytes = sum(x.nbytes for x in jax.tree.leaves(device_data))
   peak = (
     analysis.argument_size_in_bytes
@@ -131,7 +136,7 @@ def compiled_memory(compiled, device_data) -> dict[str, int | None]:
     + analysis.temp_size_in_bytes
     - data_bytes
   )
-  return {"temp": analysis.temp_size_in_bytes, "peak": peak}
+  return {"temp": analysis.temp_size_in_bytes, "peak": peak, "flops": flops}
 
 
 def time_variants(variants, model, device_data) -> dict[str, list[float]]:
@@ -192,10 +197,10 @@ def main(argv):
     memory[name] = build_step(parse_variant(name), model, device_data)[2]
   uniform_time = float(np.median(times["uniform"]))
   print(
-    "| variant | median step (ms) | vs uniform | temp memory (MiB) | vs uniform "
-    "| peak memory (MiB) | vs uniform |"
+    "| variant | median step (ms) | vs uniform | GFLOP | vs uniform | temp memory (MiB) "
+    "| vs uniform | peak memory (MiB) | vs uniform |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name, sizes in memory.items():
     values = times.get(name)
     if values:
@@ -203,9 +208,9 @@ def main(argv):
       cells = [f"{1e3 * median:.1f}", f"{median / uniform_time:.2f}x"]
     else:
       cells = ["not timed", "n/a"]
-    for kind in ("temp", "peak"):
+    for kind, unit in (("flops", 1e9), ("temp", 2**20), ("peak", 2**20)):
       size, uniform_size = sizes[kind], memory["uniform"][kind]
-      cells.append(f"{size / 2**20:.1f}" if size is not None else "n/a")
+      cells.append(f"{size / unit:.2f}" if size is not None else "n/a")
       cells.append(f"{size / uniform_size:.2f}x" if size and uniform_size else "n/a")
     print(f"| {name} | " + " | ".join(cells) + " |")
   sys.stdout.flush()
