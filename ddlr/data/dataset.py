@@ -187,12 +187,13 @@ def load_dataset(config) -> TrainingData:
     seed=seed,
   )
   is_target_domain, test_is_target = targets.domain_masks(true_labels, test_labels, target, seed)
-  images = train_images[train_index]
-  reference_images = train_images[reference_index]
-  if target["kind"] == "transform":
-    images = targets.transform_masked(images, is_target_domain, target["transform"])
-    reference_images = targets.apply_transform(reference_images, target["transform"])
-    test_images = targets.transform_masked(test_images, test_is_target, target["transform"])
+  images, reference_images, test_images = _transform_target_domain(
+    train_images[train_index],
+    train_images[reference_index],
+    test_images,
+    target,
+    masks=(is_target_domain, test_is_target),
+  )
 
   training = dict(
     images=normalize_images(images, spec),
@@ -208,15 +209,7 @@ def load_dataset(config) -> TrainingData:
     reference_source_index=reference_index,
   )
   if target["train_on"] == "target_sample":
-    # The target sample alone is the training set; its labels are clean.
-    training = dict(
-      images=reference["reference_images"],
-      labels=reference["reference_labels"],
-      true_labels=reference["reference_labels"],
-      is_noisy=np.zeros(len(reference_index), bool),
-      source_index=reference_index,
-      is_target_domain=np.ones(len(reference_index), bool),
-    )
+    training = _target_sample_as_training(reference)
   return TrainingData(
     name=name,
     **training,
@@ -229,6 +222,40 @@ def load_dataset(config) -> TrainingData:
     noise_rate=float(training["is_noisy"].mean()),
     target_kind=target["kind"],
     test_is_target=test_is_target,
+  )
+
+
+def _transform_target_domain(images, reference_images, test_images, target, masks):
+  """Return the uint8 training, reference and test images with the target transformation.
+
+  Without a `transform` target the images are returned unchanged. Otherwise
+  every reference image and the training and test images of the two domain
+  masks carry it.
+  """
+  if target["kind"] != "transform":
+    return images, reference_images, test_images
+  transform = target["transform"]
+  is_target_domain, test_is_target = masks
+  return (
+    targets.transform_masked(images, is_target_domain, transform),
+    targets.apply_transform(reference_images, transform),
+    targets.transform_masked(test_images, test_is_target, transform),
+  )
+
+
+def _target_sample_as_training(reference: dict) -> dict:
+  """Return the training fields of a run that trains on the target sample alone.
+
+  The target sample's labels are clean and all of it is from the target distribution.
+  """
+  count = len(reference["reference_labels"])
+  return dict(
+    images=reference["reference_images"],
+    labels=reference["reference_labels"],
+    true_labels=reference["reference_labels"],
+    is_noisy=np.zeros(count, bool),
+    source_index=reference["reference_source_index"],
+    is_target_domain=np.ones(count, bool),
   )
 
 
