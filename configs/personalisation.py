@@ -1,8 +1,8 @@
 r"""Personalisation toward the footwear classes of Fashion-MNIST with per-instance rates.
 
-The model trains on every training image; the rates are learned against a
-500-example sample of the target distribution (classes 5, 7 and 9: sandal,
-sneaker, ankle boot) drawn from a 2,000-example held-out pool. Launch:
+The model trains on every training image. The rates are learned against a
+500-example sample of the target distribution, classes 5, 7 and 9 (sandal,
+sneaker, ankle boot), drawn from a 2,000-example held-out pool. Launch:
 
   python -m ddlr.main --config=configs/personalisation.py --workdir=runs/personalisation
 
@@ -41,6 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # undoing it.
   config.finetune.epochs = 0
   config.finetune.learning_rate = 0.01
+  # NOTE: hyper_learning_rate stays at the default config's 0.3. In one ':cpu'
+  # run (seed 0) the rot90 target-domain AUROC of the rates was 0.67, and
+  # the footwear target-test accuracy equalled uniform's; neither is tuned.
 
   if arg == "cpu":
     config.data.num_train = 10000

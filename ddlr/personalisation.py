@@ -5,10 +5,10 @@ set and the rest of the test set (`evaluate_target_and_rest`). Fine-tuning
 (`config.finetune.epochs > 0`) continues from the trained parameters on the
 target sample alone, with the base optimizer at a constant learning rate.
 
-Fine-tuning writes no checkpoint of its own. It runs after the main training
-has saved its last checkpoint, and it is a deterministic function of that
-checkpoint and the config, so a run interrupted during fine-tuning resumes
-at the end of the main training and repeats the whole fine-tuning.
+Fine-tuning writes no checkpoint of its own. It starts from the main
+training's last checkpoint and is a deterministic function of it and the
+config. So a run interrupted during fine-tuning resumes at the end of the
+main training and repeats the whole fine-tuning.
 """
 
 import functools

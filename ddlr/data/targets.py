@@ -1,6 +1,6 @@
 """Target distributions for personalisation: the target sample and the domain masks.
 
-A run personalises a model toward a target distribution that it knows only
+A run personalises a model toward a target distribution that it sees only
 through a small sample. The sample is drawn from the reference pool, the
 examples that `hold_out_reference` keeps out of training, so it is never
 trained on, and it becomes the run's reference split. Training is the same
@@ -27,8 +27,8 @@ from ddlr.data.errors import DataError
 
 TARGET_KINDS = ("none", "classes", "transform")
 TRANSFORMS = ("none", "rot90", "invert")
-# What the run trains on: every training instance, or the target sample alone
-# (the target sample then is both the training set and the reference split).
+# Training sets: every training instance, or the target sample alone, which
+# then is both the training set and the reference split.
 TRAIN_ON = ("all", "target_sample")
 
 # Mixed into the seed, like splits._REFERENCE_STREAM, so every draw is independent.
