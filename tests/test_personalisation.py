@@ -13,7 +13,7 @@ import tensorflow_datasets as tfds
 from test_data import make_config, write_mnist_dir
 from test_train import _tiny_config
 
-from ddlr import analysis, train
+from ddlr import analysis, checkpoint, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
 
@@ -211,6 +211,9 @@ def test_finetune_runs_and_repeats_on_resume(tmp_path):
     summary = train.train_and_evaluate(config, workdir)
     data = data_lib.load_dataset(config.data)
     repeated = train.train_and_evaluate(config, workdir)
+    config.finetune.epochs = 3
+    with pytest.raises(checkpoint.ResumeError, match=r"config.finetune.epochs: 2 -> 3"):
+      train.train_and_evaluate(config, workdir)
 
   assert len(summary["finetune_test_accuracy_per_epoch"]) == 2
   assert len(summary["finetune_target_test_accuracy_per_epoch"]) == 2
