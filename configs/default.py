@@ -40,6 +40,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.noise.kind = "symmetric"  # none | symmetric | uniform | pairflip
   config.data.noise.rate = 0.4
   config.data.seed = 0  # noise and reference split; independent of the training seed
+  # Target distribution for personalisation (ddlr/data/targets.py): 'none',
+  # 'classes' (class-prior shift, set classes) or 'transform' (covariate
+  # shift, set transform and fraction). With a target, reference_size is the
+  # held-out pool and the reference split is a target sample of sample_size
+  # drawn from it (0: every pool example of the target).
+  config.data.target = ml_collections.ConfigDict()
+  config.data.target.kind = "none"
+  config.data.target.classes = ()  # e.g. (5, 7, 9), the footwear of Fashion-MNIST
+  config.data.target.transform = "none"  # none | rot90 | invert
+  config.data.target.fraction = 0.0  # share of training and test images transformed
+  config.data.target.sample_size = 0
+  config.data.target.train_on = "all"  # all | target_sample (train on the target sample alone)
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"
@@ -99,6 +111,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 1000
+
+  # After the main training, fine-tune on the reference split (the target
+  # sample) with the base optimizer at a constant learning rate; 0 epochs
+  # skips it. Evaluated after every fine-tuning epoch; not checkpointed, so
+  # an interrupted run repeats the whole fine-tuning.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.epochs = 0
+  config.finetune.learning_rate = 0.01
 
   if arg == "quick":
     config.data.num_train = 2048

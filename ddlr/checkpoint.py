@@ -52,6 +52,10 @@ class LoopRecord:
   num_instances: int
   test_accuracy: list[float] = dataclasses.field(default_factory=list)
   test_loss: list[float] = dataclasses.field(default_factory=list)
+  # Accuracy on the target test set and on the rest of the test set per
+  # epoch; empty without a target distribution.
+  target_test_accuracy: list[float] = dataclasses.field(default_factory=list)
+  rest_test_accuracy: list[float] = dataclasses.field(default_factory=list)
   seconds_per_step: list[float] = dataclasses.field(default_factory=list)
   last_train_loss: float = float("nan")
 

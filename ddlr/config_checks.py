@@ -41,7 +41,7 @@ def _get(config, path: str):
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the model, optimizer, ddlr, train and eval sections of `config`.
+  """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
 
   The data section is validated where the data is loaded.
 
@@ -107,3 +107,15 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "checkpoint.every_steps", 0, integer=True)
   _require_range(config, "checkpoint.max_to_keep", 1, integer=True)
   _require_range(config, "eval.batch_size", 1, integer=True)
+  _require_range(config, "finetune.epochs", 0, integer=True)
+  _require_range(config, "finetune.learning_rate", 0.0)
+  if config.finetune.epochs and not config.finetune.learning_rate > 0:
+    raise ConfigError(
+      f"config.finetune.learning_rate={config.finetune.learning_rate!r} is invalid; "
+      "fine-tuning needs a learning rate > 0."
+    )
+  if config.finetune.epochs and not config.data.reference_size:
+    raise ConfigError(
+      f"config.finetune.epochs={config.finetune.epochs} fine-tunes on the reference split "
+      "(the target sample), but config.data.reference_size is 0; set it > 0."
+    )

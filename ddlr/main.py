@@ -125,6 +125,17 @@ def main(argv: list[str]) -> None:
       f"AUROC of learned rates (clean above noisy) {summary['auroc']:.4f} | "
       f"noisy share of the 10% lowest rates {summary['noisy_precision_lowest_10pct']:.3f}"
     )
+  if "final_target_test_accuracy" in summary:
+    print(
+      f"target-test accuracy {summary['final_target_test_accuracy']:.4f} | "
+      f"rest-of-test accuracy {summary['final_rest_test_accuracy']:.4f}"
+      + (" (after fine-tuning)" if "finetune_test_accuracy_per_epoch" in summary else "")
+    )
+  if "target_domain_auroc" in summary:
+    print(
+      "AUROC of learned rates (target-domain training images above the rest) "
+      f"{summary['target_domain_auroc']:.4f}"
+    )
   print(f"outputs in {FLAGS.workdir}")
 
 

@@ -94,7 +94,7 @@ def rate_report(log_lr, class_log_lr, data, *, score_noise: bool = True) -> dict
 
 
 def save_rates(path: str, log_lr, exponent, class_log_lr, data) -> None:
-  """Writes the final rates with the labels and the corruption mask (.npz).
+  """Writes the final rates with the labels, the corruption mask and the target-domain mask (.npz).
 
   `log_lr` is the instance table a, `exponent` is a_i + b_{y_i}, and the saved
   `rate` is exp(exponent), each instance's multiplier before batch
@@ -110,5 +110,6 @@ def save_rates(path: str, log_lr, exponent, class_log_lr, data) -> None:
     true_labels=data.true_labels,
     is_noisy=data.is_noisy,
     source_index=data.source_index,
+    is_target_domain=data.is_target_domain,
   )
   logging.info("Saved the per-instance rates to %s.", path)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddlr import analysis, checkpoint, optim, reporting, steps
+from ddlr import analysis, checkpoint, optim, personalisation, reporting, steps
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
@@ -255,7 +255,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     manager.close()
   if not completed:
     return {"completed": False, "step": int(state.step)}
-  return _write_final_outputs(run, state, loop)
+  finetuned = _finetune(run, state) if config.finetune.epochs else {}
+  return _write_final_outputs(run, state, loop, finetuned)
+
+
+def _finetune(run: _Run, state) -> dict:
+  """Fine-tunes on the target sample; see `personalisation.finetune`."""
+  uniform = ml_collections.ConfigDict(run.config.to_dict())
+  uniform.ddlr.enabled = False
+  tx = build_optimizer(
+    uniform,
+    num_instances=len(run.data.reference_labels),
+    num_classes=run.data.num_classes,
+    learning_rate=run.config.finetune.learning_rate,
+  )
+  batch_size = run.config.eval.batch_size
+
+  def evaluate_fn(state, images, labels):
+    return evaluate(run.eval_fn, state, images, labels, batch_size)
+
+  return personalisation.finetune(
+    run.config, run.data, state, tx=tx, evaluate_fn=evaluate_fn, check_finite=_check_finite
+  )
 
 
 def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
@@ -268,10 +289,12 @@ def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
       np.array_equal(saved.is_noisy, data.is_noisy)
       and np.array_equal(saved.labels, data.labels)
       and np.array_equal(saved.reference_source_index, data.reference_source_index)
+      and np.array_equal(saved.is_target_domain, data.is_target_domain)
     )
     if not same:
       raise checkpoint.ResumeError(
-        f"{record_path} records a different split (noise mask, labels or reference ids) "
+        f"{record_path} records a different split (noise mask, labels, reference ids or "
+        "target-domain mask) "
         "than this config produces, so the run cannot be resumed; use a new --workdir."
       )
   else:
@@ -451,9 +474,25 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
   )
   loop.test_accuracy.append(test["accuracy"])
   loop.test_loss.append(test["loss"])
+  batch_size = run.config.eval.batch_size
+  target = personalisation.evaluate_target_and_rest(
+    lambda images, labels: evaluate(run.eval_fn, state, images, labels, batch_size), run.data
+  )
+  if target:
+    loop.target_test_accuracy.append(target["target_test_accuracy"])
+    loop.rest_test_accuracy.append(target["rest_test_accuracy"])
+    logging.info(
+      "Epoch %d: target test accuracy %.4f, rest of test accuracy %.4f.",
+      epoch, target["target_test_accuracy"], target["rest_test_accuracy"],
+    )  # fmt: skip
   metrics_log.write(
     epoch * run.steps_per_epoch,
-    {"eval/accuracy": test["accuracy"], "eval/loss": test["loss"], "epoch": epoch},
+    {
+      "eval/accuracy": test["accuracy"],
+      "eval/loss": test["loss"],
+      "epoch": epoch,
+      **{f"eval/{key}": value for key, value in target.items()},
+    },
   )
   logging.info(
     "Evaluated epoch %d: test accuracy %.4f, test loss %.4f (best so far %.4f).",
@@ -461,8 +500,12 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
   )  # fmt: skip
 
 
-def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord) -> dict:
-  """Writes rates.npz, the rate histogram and summary.json; returns the summary."""
+def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord, finetuned: dict) -> dict:
+  """Writes rates.npz, the rate histogram and summary.json; returns the summary.
+
+  `final_*` accuracies score the returned model: after fine-tuning when
+  `finetuned` has its history, else after the last epoch.
+  """
   history = loop.test_accuracy
   seconds_per_step = float(np.median(loop.seconds_per_step)) if loop.seconds_per_step else None
   summary = {
@@ -480,7 +523,13 @@ def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord) -> dict:
     else None,
     "num_params": run.num_params,
     "realised_noise_rate": float(run.data.noise_rate),
+    **personalisation.history_summary(loop.target_test_accuracy, loop.rest_test_accuracy),
+    **finetuned,
   }
+  for key in ("test_accuracy", "target_test_accuracy", "rest_test_accuracy"):
+    per_epoch = finetuned.get(f"finetune_{key}_per_epoch") or summary.get(f"{key}_per_epoch")
+    if per_epoch:
+      summary[f"final_{key}"] = per_epoch[-1]
   if run.config.ddlr.enabled:
     ddlr_state = optim.find_ddlr_state(state.opt_state)
     if ddlr_state.log_lr is None:  # class rates only, so every instance has multiplier 1
@@ -495,6 +544,8 @@ def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord) -> dict:
         exponent, class_log_lr, run.data, score_noise=ddlr_state.log_lr is not None
       )
     )
+    if ddlr_state.log_lr is not None:
+      summary.update(personalisation.domain_auroc(exponent, run.data))
     reporting.save_rates(
       os.path.join(run.workdir, "rates.npz"), log_lr, exponent, class_log_lr, run.data
     )

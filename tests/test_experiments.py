@@ -2,10 +2,12 @@
 
 import json
 
+import ml_collections
 import pytest
 
 from configs import default
-from experiments import sweep, uniform_vs_ddlr
+from configs import personalisation as personalisation_config
+from experiments import personalisation, sweep, uniform_vs_ddlr
 
 
 def test_finished_run_is_reused(tmp_path):
@@ -82,3 +84,61 @@ def test_uniform_vs_ddlr_rows_differ_only_in_switch():
   assert [row.config.ddlr.enabled for row in rows] == [False, True]
   rows[0].config.ddlr.enabled = True
   assert rows[0].config.to_dict() == rows[1].config.to_dict()
+
+
+def test_personalisation_rows_change_one_switch_each():
+  config = personalisation_config.get_config("quick")
+  rows = personalisation.sweep_rows(
+    config, transform="invert", fraction=0.2, finetune_epochs=3, methods=personalisation.METHODS
+  )
+  # No `baseline` section yet, so learning_to_reweight is skipped in both settings.
+  methods = ["uniform", "finetune", "target_only", "ddlr"]
+  assert [row.name for row in rows] == [f"classes_{m}" for m in methods] + [
+    f"transform_{m}" for m in methods
+  ]
+  by_name = {row.name: row.config for row in rows}
+  assert tuple(by_name["classes_uniform"].data.target.classes) == (5, 7, 9)
+  transform = by_name["transform_uniform"].data.target
+  assert (transform.kind, transform.transform, transform.fraction) == ("transform", "invert", 0.2)
+  assert tuple(transform.classes) == ()
+  for setting in ("classes", "transform"):
+    uniform = by_name[f"{setting}_uniform"].to_dict()
+    expected = {
+      "finetune": ("finetune", "epochs", 3),
+      "ddlr": ("ddlr", "enabled", True),
+    }
+    for method, (section, field, value) in expected.items():
+      changed = by_name[f"{setting}_{method}"].to_dict()
+      assert changed[section][field] == value
+      changed[section][field] = uniform[section][field]
+      assert changed == uniform, method
+    target_only = by_name[f"{setting}_target_only"].to_dict()
+    assert target_only["data"]["target"]["train_on"] == "target_sample"
+    target_only["data"]["target"]["train_on"] = "all"
+    assert target_only == uniform
+
+
+def test_personalisation_includes_reweighting_with_baseline_section():
+  config = personalisation_config.get_config("quick")
+  config.baseline = ml_collections.ConfigDict({"name": "none"})
+  rows = personalisation.sweep_rows(
+    config, transform="rot90", fraction=0.1, finetune_epochs=1, methods=["learning_to_reweight"]
+  )
+  assert [row.name for row in rows] == [
+    "classes_learning_to_reweight",
+    "transform_learning_to_reweight",
+  ]
+  assert [row.config.baseline.name for row in rows] == ["learning_to_reweight"] * 2
+  assert not any(row.config.ddlr.enabled for row in rows)
+
+
+def test_personalisation_tables_show_auroc_for_transform_only():
+  summaries = {
+    name: [{"final_target_test_accuracy": 0.5, "target_domain_auroc": 0.9}]
+    for name in ("classes_ddlr", "transform_ddlr")
+  }
+  text = personalisation.tables(summaries, [0], "rot90")
+  classes_part, transform_part = text.split("### Covariate shift (rot90)")
+  assert "AUROC" not in classes_part
+  assert "| transform_ddlr | 0.5000 | n/a | n/a | 0.9000 |" in transform_part
+  assert "| classes_ddlr | 0.5000 | n/a | n/a |" in classes_part

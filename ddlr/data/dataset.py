@@ -5,7 +5,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from ddlr.data import catalog, checks, sources
+from ddlr.data import catalog, checks, sources, targets
 from ddlr.data.errors import DataError
 from ddlr.data.noise import NOISE_KINDS, corrupt_labels
 from ddlr.data.splits import hold_out_reference
@@ -38,16 +38,34 @@ class TrainingData:
   # Realized fraction of training labels that differ from the true labels.
   # For 'uniform' noise it is about (C - 1) / C times the configured noise.rate.
   noise_rate: float
+  # Target distribution of personalisation (`targets.TARGET_KINDS`) and which
+  # training and test examples come from it; None means no example does.
+  target_kind: str = "none"
+  is_target_domain: np.ndarray | None = None  # bool [N]
+  test_is_target: np.ndarray | None = None  # bool [T]
 
   def __post_init__(self):
+    for field, length in (
+      ("is_target_domain", len(self.labels)),
+      ("test_is_target", len(self.test_labels)),
+    ):
+      if getattr(self, field) is None:
+        object.__setattr__(self, field, np.zeros(length, dtype=bool))
     groups = {
-      "training": ("images", "labels", "true_labels", "is_noisy", "source_index"),
+      "training": (
+        "images",
+        "labels",
+        "true_labels",
+        "is_noisy",
+        "source_index",
+        "is_target_domain",
+      ),
       "reference": (
         "reference_images",
         "reference_labels",
         "reference_source_index",
       ),
-      "test": ("test_images", "test_labels"),
+      "test": ("test_images", "test_labels", "test_is_target"),
     }
     for group, fields in groups.items():
       lengths = {field: len(getattr(self, field)) for field in fields}
@@ -72,10 +90,13 @@ def default_config() -> ml_collections.ConfigDict:
       before the reference hold-out, 0 for all.
     num_test: keep the first this many test examples, 0 for all.
     reference_size: size of the class-balanced reference set held out of
-      training, 0 for none.
+      training, 0 for none. With a target distribution it is the pool
+      that the target sample is drawn from.
     noise.kind: one of `noise.NOISE_KINDS`.
     noise.rate: fraction of training examples to corrupt, in [0, 1).
-    seed: seed of the reference hold-out and the label noise.
+    seed: seed of the reference hold-out, the label noise and the target.
+    target: the target distribution of personalisation, with the fields
+      of `targets.default_config()`.
   """
   config = ml_collections.ConfigDict()
   config.name = "fashion_mnist"
@@ -89,6 +110,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.noise.kind = "none"
   config.noise.rate = 0.0
   config.seed = 0
+  config.target = targets.default_config()
   return config
 
 
@@ -103,6 +125,14 @@ def load_dataset(config) -> TrainingData:
   examples, hold out `reference_size` class-balanced examples by their true
   labels, corrupt the labels of the remaining training examples, and
   normalize all images. The reference and test labels stay clean.
+
+  With a target distribution (`target.kind` other than 'none') the held-out
+  examples are a pool, and the reference split is the target sample drawn
+  from it (`targets.sample_target`). The training ids, labels and noise do
+  not depend on the target. For `transform` the training images of the
+  target domain, the target sample and the target test images carry the
+  transformation, so the training images differ between two targets exactly
+  at the rows that either target's domain mask marks.
 
   Args:
     config: mapping or ConfigDict with exactly the fields of
@@ -121,6 +151,7 @@ def load_dataset(config) -> TrainingData:
   num_train, num_test = int(config["num_train"]), int(config["num_test"])
   reference_size, seed = int(config["reference_size"]), int(config["seed"])
   noise_kind, noise_rate = config["noise"]["kind"], float(config["noise"]["rate"])
+  target = config["target"]
 
   load = dict(
     source=config["source"],
@@ -144,6 +175,9 @@ def load_dataset(config) -> TrainingData:
   train_index, reference_index = hold_out_reference(
     train_labels, reference_size, seed, num_classes=spec.num_classes
   )
+  if target["kind"] != "none":
+    sample = targets.sample_target(train_labels[reference_index], target, seed)
+    reference_index = reference_index[sample]
   true_labels = train_labels[train_index]
   observed, is_noisy = corrupt_labels(
     true_labels,
@@ -152,22 +186,76 @@ def load_dataset(config) -> TrainingData:
     num_classes=spec.num_classes,
     seed=seed,
   )
-  return TrainingData(
-    name=name,
-    images=normalize_images(train_images[train_index], spec),
+  is_target_domain, test_is_target = targets.domain_masks(true_labels, test_labels, target, seed)
+  images, reference_images, test_images = _transform_target_domain(
+    train_images[train_index],
+    train_images[reference_index],
+    test_images,
+    target,
+    masks=(is_target_domain, test_is_target),
+  )
+
+  training = dict(
+    images=normalize_images(images, spec),
     labels=observed,
     true_labels=true_labels,
     is_noisy=is_noisy,
     source_index=train_index,
-    reference_images=normalize_images(train_images[reference_index], spec),
+    is_target_domain=is_target_domain,
+  )
+  reference = dict(
+    reference_images=normalize_images(reference_images, spec),
     reference_labels=train_labels[reference_index],
     reference_source_index=reference_index,
+  )
+  if target["train_on"] == "target_sample":
+    training = _target_sample_as_training(reference)
+  return TrainingData(
+    name=name,
+    **training,
+    **reference,
     test_images=normalize_images(test_images, spec),
     test_labels=test_labels,
     num_classes=spec.num_classes,
     class_names=tuple(class_names),
     noise_kind=noise_kind,
-    noise_rate=float(is_noisy.mean()),
+    noise_rate=float(training["is_noisy"].mean()),
+    target_kind=target["kind"],
+    test_is_target=test_is_target,
+  )
+
+
+def _transform_target_domain(images, reference_images, test_images, target, masks):
+  """Return the uint8 training, reference and test images with the target transformation.
+
+  Without a `transform` target the images are returned unchanged. Otherwise
+  every reference image and the training and test images of the two domain
+  masks carry it.
+  """
+  if target["kind"] != "transform":
+    return images, reference_images, test_images
+  transform = target["transform"]
+  is_target_domain, test_is_target = masks
+  return (
+    targets.transform_masked(images, is_target_domain, transform),
+    targets.apply_transform(reference_images, transform),
+    targets.transform_masked(test_images, test_is_target, transform),
+  )
+
+
+def _target_sample_as_training(reference: dict) -> dict:
+  """Return the training fields of a run that trains on the target sample alone.
+
+  The target sample's labels are clean and all of it is from the target distribution.
+  """
+  count = len(reference["reference_labels"])
+  return dict(
+    images=reference["reference_images"],
+    labels=reference["reference_labels"],
+    true_labels=reference["reference_labels"],
+    is_noisy=np.zeros(count, bool),
+    source_index=reference["reference_source_index"],
+    is_target_domain=np.ones(count, bool),
   )
 
 
@@ -227,6 +315,28 @@ def _check_config(config) -> None:
   if noise["kind"] == "none" and rate != 0.0:
     raise DataError(
       f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
+    )
+  _check_target_config(config, spec)
+
+
+def _check_target_config(config, spec: catalog.DatasetSpec) -> None:
+  target = config["target"]
+  if not hasattr(target, "keys"):
+    raise DataError(
+      f"target must be a ConfigDict with the fields {', '.join(sorted(targets.FIELDS))}, "
+      f"got {target!r}"
+    )
+  _check_fields(target, targets.FIELDS, prefix="target.")
+  targets.check_config(target, spec.num_classes)
+  if target["kind"] != "none" and config["reference_size"] == 0:
+    raise DataError(
+      f"target.kind={target['kind']!r} draws the target sample from the reference pool, "
+      "but reference_size is 0; set reference_size > 0"
+    )
+  if target["train_on"] == "target_sample" and config["noise"]["kind"] != "none":
+    raise DataError(
+      "target.train_on='target_sample' trains on the clean target sample, so label noise "
+      f"would not apply; set noise.kind='none', got {config['noise']['kind']!r}"
     )
 
 

@@ -32,6 +32,11 @@ class SplitRecord:
   source_index: np.ndarray
   reference_source_index: np.ndarray
   reference_labels: np.ndarray
+  # Target distribution of personalisation and the training and test
+  # examples that come from it (all False without a target).
+  target_kind: str = "none"
+  is_target_domain: np.ndarray | None = None  # bool [N]
+  test_is_target: np.ndarray | None = None  # bool [T]
 
 
 _ARRAY_FIELDS = (
@@ -48,6 +53,10 @@ _SCALAR_FIELDS = (
   "noise_kind",
   "noise_rate",
 )
+# Written since personalisation targets exist. Records written before lack
+# all three and load with target_kind 'none', an all-False training mask and
+# test_is_target None, because they do not store the test set's size.
+_TARGET_FIELDS = ("target_kind", "is_target_domain", "test_is_target")
 
 
 def save_split_record(data: TrainingData, path: str | os.PathLike) -> None:
@@ -60,6 +69,9 @@ def save_split_record(data: TrainingData, path: str | os.PathLike) -> None:
   arrays["num_classes"] = np.array(data.num_classes)
   arrays["noise_kind"] = np.array(data.noise_kind)
   arrays["noise_rate"] = np.array(data.noise_rate)
+  arrays["target_kind"] = np.array(data.target_kind)
+  arrays["is_target_domain"] = data.is_target_domain
+  arrays["test_is_target"] = data.test_is_target
   with open(path, "wb") as stream:
     np.savez(stream, **arrays)
 
@@ -84,10 +96,23 @@ def load_split_record(path: str | os.PathLike) -> SplitRecord:
   if missing:
     raise DataError(f"split record {path} is missing {', '.join(missing)}")
 
+  present = [field for field in _TARGET_FIELDS if field in contents]
+  if present and len(present) < len(_TARGET_FIELDS):
+    missing = [field for field in _TARGET_FIELDS if field not in contents]
+    raise DataError(f"split record {path} is missing {', '.join(missing)}")
+  if present:
+    target = {
+      "target_kind": str(contents["target_kind"]),
+      "is_target_domain": contents["is_target_domain"],
+      "test_is_target": contents["test_is_target"],
+    }
+  else:
+    target = {"is_target_domain": np.zeros(len(contents["labels"]), bool)}
   return SplitRecord(
     dataset=str(contents["dataset"]),
     num_classes=int(contents["num_classes"]),
     noise_kind=str(contents["noise_kind"]),
     noise_rate=float(contents["noise_rate"]),
     **{field: contents[field] for field in _ARRAY_FIELDS},
+    **target,
   )

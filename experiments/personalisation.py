@@ -1,0 +1,174 @@
+r"""Compares ways to personalise a model toward a target distribution, as Markdown tables.
+
+  python -m experiments.personalisation --config=configs/personalisation.py:cpu \
+    --workdir=runs/personalisation --seeds=0,1,2
+
+Two target settings, each with the same model, schedule and seeds:
+
+- `classes`: class-prior shift toward the classes of the config's
+  `data.target.classes` (footwear, 5, 7 and 9, in configs/personalisation.py);
+- `transform`: covariate shift, `--fraction` of the images carry
+  `--transform`.
+
+and five methods:
+
+- `uniform`: every training instance at the same rate (`ddlr.enabled=False`);
+- `finetune`: `uniform`, then `--finetune_epochs` epochs on the target sample;
+- `target_only`: training on the target sample alone
+  (`data.target.train_on='target_sample'`);
+- `learning_to_reweight`: `config.baseline.name='learning_to_reweight'` with
+  the target sample as its clean set; skipped, with a logged message, while
+  the config has no `baseline` section;
+- `ddlr`: per-instance rates learned against the target sample.
+
+Each run trains in `workdir/<setting>_<method>_seed<k>`; finished runs are
+reused and interrupted ones resume. The tables (`results.md`) give mean ± std
+over seeds of the target-test and rest-of-test accuracy of the final model
+(after fine-tuning for `finetune`), the best-epoch target-test accuracy and,
+for covariate shift, the AUROC of the learned rates for "training image is
+from the target domain".
+"""
+
+import sys
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from ddlr import checkpoint, train
+from ddlr.config_checks import ConfigError
+from ddlr.data import DataError
+from experiments import sweep
+
+FLAGS = flags.FLAGS
+
+SETTINGS = ("classes", "transform")
+METHODS = ("uniform", "finetune", "target_only", "learning_to_reweight", "ddlr")
+COLUMNS = (
+  ("final_target_test_accuracy", "target-test acc."),
+  ("final_rest_test_accuracy", "rest-of-test acc."),
+  ("best_epoch_target_test_accuracy", "best-epoch target-test acc."),
+)
+AUROC_COLUMN = (("target_domain_auroc", "target-domain AUROC"),)
+
+
+def setting_config(
+  config: ml_collections.ConfigDict, setting: str, transform: str, fraction: float
+) -> ml_collections.ConfigDict:
+  """Returns a copy of `config` with the target of `setting`.
+
+  `classes` keeps the config's target classes; `transform` replaces them by
+  the transformation of `fraction` of the images.
+  """
+  config = config.copy_and_resolve_references()
+  target = config.data.target
+  if setting == "classes":
+    if not target.classes:
+      raise ValueError(
+        "the 'classes' setting needs config.data.target.classes, e.g. (5, 7, 9); "
+        f"got {tuple(target.classes)!r}"
+      )
+    target.kind, target.transform, target.fraction = "classes", "none", 0.0
+  else:
+    target.kind, target.classes = "transform", ()
+    target.transform, target.fraction = transform, fraction
+  return config
+
+
+def method_config(config, method: str, finetune_epochs: int) -> ml_collections.ConfigDict | None:
+  """Returns `config` set up for `method`, or None when the code lacks the method."""
+  config = config.copy_and_resolve_references()
+  config.ddlr.enabled = method == "ddlr"
+  if method == "finetune":
+    config.finetune.epochs = finetune_epochs
+  elif method == "target_only":
+    config.data.target.train_on = "target_sample"
+  elif method == "learning_to_reweight":
+    if "baseline" not in config:
+      logging.warning(
+        "Skipping learning_to_reweight: this config has no `baseline` section, so the "
+        "method is not available in this version of ddlr."
+      )
+      return None
+    # Its clean set is the reference split, which here is the target sample.
+    config.baseline.name = "learning_to_reweight"
+  return config
+
+
+def sweep_rows(config, *, transform: str, fraction: float, finetune_epochs: int, methods):
+  """Returns the sweep's rows, setting by setting, each method in the order of `methods`."""
+  rows = []
+  for setting in SETTINGS:
+    base = setting_config(config, setting, transform, fraction)
+    for method in methods:
+      row_config = method_config(base, method, finetune_epochs)
+      if row_config is None:
+        continue
+      rows.append(sweep.Row(f"{setting}_{method}", row_config, group=setting))
+  return rows
+
+
+def tables(summaries: dict[str, list[dict]], seeds: list[int], transform: str) -> str:
+  """Returns one Markdown table per setting, the covariate-shift one with the AUROC."""
+  parts = []
+  for setting, title, columns in (
+    ("classes", "Class-prior shift", COLUMNS),
+    ("transform", f"Covariate shift ({transform})", COLUMNS + AUROC_COLUMN),
+  ):
+    rows = {name: runs for name, runs in summaries.items() if name.startswith(f"{setting}_")}
+    if rows:
+      parts.append(f"### {title}\n\n" + sweep.results_table(rows, seeds, columns))
+  return "\n".join(parts)
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; only when run as a program, so tests can import this module."""
+  config_flags.DEFINE_config_file(
+    "config", "configs/personalisation.py", "Experiment config file; ':cpu' or ':quick' shrinks it."
+  )
+  flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
+  flags.DEFINE_list("seeds", ["0", "1", "2"], "Comma-separated training seeds.")
+  flags.DEFINE_enum(
+    "transform", "rot90", ["rot90", "invert"], "Transformation of the covariate shift."
+  )
+  flags.DEFINE_float("fraction", 0.1, "Share of training and test images that carry the transform.")
+  flags.DEFINE_integer(
+    "finetune_epochs", 10, "Epochs of the `finetune` method on the target sample."
+  )
+  flags.DEFINE_list("methods", None, "Methods to run, all when unset.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  methods = FLAGS.methods or list(METHODS)
+  unknown = sorted(set(methods) - set(METHODS))
+  try:
+    seeds = sweep.parse_seeds(FLAGS.seeds)
+    if unknown:
+      raise ValueError(f"--methods has unknown names {unknown}; expected some of {list(METHODS)}")
+    rows = sweep_rows(
+      FLAGS.config,
+      transform=FLAGS.transform,
+      fraction=FLAGS.fraction,
+      finetune_epochs=FLAGS.finetune_epochs,
+      methods=methods,
+    )
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  try:
+    summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
+  except (ConfigError, DataError, checkpoint.ResumeError, train.NonFiniteLossError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  table = tables(summaries, seeds, FLAGS.transform)
+  path = sweep.write_table(FLAGS.workdir, table)
+  print(table)
+  print(f"table written to {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,259 @@
+"""Tests of personalisation: target samples, domain masks, target evaluation and fine-tuning.
+
+Data tests read small random MNIST-shaped IDX files; run tests use mocked
+tfds data. Nothing is downloaded.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from test_data import make_config, write_mnist_dir
+from test_train import _tiny_config
+
+from ddlr import analysis, checkpoint, train
+from ddlr import data as data_lib
+from ddlr.config_checks import ConfigError
+
+FOOTWEAR = (5, 7, 9)
+
+
+@pytest.fixture
+def raw_dir(tmp_path):
+  """Write random IDX files; return their directory and the uint8 arrays in source order."""
+  directory = str(tmp_path)
+  write_mnist_dir(directory, num_train=300, num_test=50)
+  raw = {}
+  for split in ("train", "test"):
+    images, labels, _ = data_lib.load_split(
+      "mnist", split, source="idx", data_dir=None, manual_dir=directory
+    )
+    raw[split] = (images, labels)
+  return directory, raw
+
+
+def _load(directory, **target):
+  config = make_config(name="mnist", source="idx", manual_dir=directory, reference_size=100)
+  for field, value in target.items():
+    config.target[field] = value
+  return data_lib.load_dataset(config)
+
+
+def _classes(directory, classes=FOOTWEAR, sample_size=12):
+  return _load(directory, kind="classes", classes=classes, sample_size=sample_size)
+
+
+def _transform(directory, transform="rot90", fraction=0.1, sample_size=20):
+  return _load(
+    directory, kind="transform", transform=transform, fraction=fraction, sample_size=sample_size
+  )
+
+
+def _normalize(raw_images):
+  return data_lib.normalize_images(raw_images, data_lib.get_spec("mnist"))
+
+
+def test_target_sample_never_in_training(raw_dir):
+  directory, raw = raw_dir
+  for data in (_classes(directory), _transform(directory)):
+    assert not set(data.source_index) & set(data.reference_source_index)
+    # Every source example is used at most once, and training keeps its 200.
+    assert len(set(data.source_index)) == len(data.source_index) == 200
+  classes = _classes(directory)
+  assert len(classes.reference_labels) == 12
+  assert set(classes.reference_labels.tolist()) <= set(FOOTWEAR)
+  np.testing.assert_array_equal(
+    classes.reference_labels, raw["train"][1][classes.reference_source_index]
+  )
+
+
+def test_switching_target_changes_only_reference(raw_dir):
+  directory, _ = raw_dir
+  plain = _load(directory)
+  footwear = _classes(directory)
+  others = _classes(directory, classes=(0, 1), sample_size=0)
+  for data in (footwear, others):
+    for field in ("images", "labels", "true_labels", "is_noisy", "source_index", "test_images"):
+      np.testing.assert_array_equal(getattr(data, field), getattr(plain, field), err_msg=field)
+  # The reference pool is the plain run's reference; each target draws from it.
+  assert set(footwear.reference_source_index) <= set(plain.reference_source_index)
+  assert len(plain.reference_labels) == 100
+  # sample_size 0 keeps every pool example of classes 0 and 1: 10 per class.
+  assert len(others.reference_labels) == 20
+  assert set(others.reference_labels.tolist()) == {0, 1}
+
+
+def test_transform_target_changes_only_masked_images(raw_dir):
+  # Against the class target, the transform target keeps ids, labels and
+  # source indices; training images differ exactly at its domain mask,
+  # where they are the rotated originals.
+  directory, raw = raw_dir
+  footwear = _classes(directory)
+  rotated = _transform(directory)
+  for field in ("labels", "true_labels", "is_noisy", "source_index"):
+    np.testing.assert_array_equal(getattr(rotated, field), getattr(footwear, field), err_msg=field)
+  mask = rotated.is_target_domain
+  np.testing.assert_array_equal(rotated.images[~mask], footwear.images[~mask])
+  expected = _normalize(np.rot90(raw["train"][0][rotated.source_index[mask]], axes=(1, 2)))
+  np.testing.assert_array_equal(rotated.images[mask], expected)
+
+
+@pytest.mark.parametrize("transform", ["rot90", "invert"])
+def test_transform_applies_to_recorded_fraction(raw_dir, transform):
+  directory, raw = raw_dir
+  data = _transform(directory, transform=transform, fraction=0.1)
+  images, labels = raw["train"]
+  assert data.is_target_domain.sum() == 20  # round(0.1 * 200)
+  assert data.test_is_target.sum() == 5  # round(0.1 * 50)
+  untransformed = _normalize(images[data.source_index])
+  changed = np.any(data.images != untransformed, axis=(1, 2, 3))
+  np.testing.assert_array_equal(changed, data.is_target_domain)
+  if transform == "invert":
+    expected_reference = _normalize(255 - images[data.reference_source_index])
+  else:
+    expected_reference = _normalize(np.rot90(images[data.reference_source_index], axes=(1, 2)))
+  np.testing.assert_array_equal(data.reference_images, expected_reference)
+  test_changed = np.any(data.test_images != _normalize(raw["test"][0]), axis=(1, 2, 3))
+  np.testing.assert_array_equal(test_changed, data.test_is_target)
+  np.testing.assert_array_equal(data.test_labels, raw["test"][1])
+
+
+def test_target_and_rest_partition_test_set(raw_dir):
+  directory, raw = raw_dir
+  test_labels = raw["test"][1]
+  classes = _classes(directory)
+  np.testing.assert_array_equal(classes.test_is_target, np.isin(test_labels, FOOTWEAR))
+  np.testing.assert_array_equal(classes.is_target_domain, np.isin(classes.true_labels, FOOTWEAR))
+  assert classes.test_is_target.sum() == 15  # 5 test examples of each footwear class
+  transform = _transform(directory)
+  assert len(transform.test_is_target) == len(transform.test_labels) == 50
+
+
+def test_train_on_target_sample_trains_on_it(raw_dir):
+  directory, _ = raw_dir
+  data = _load(
+    directory, kind="classes", classes=FOOTWEAR, sample_size=12, train_on="target_sample"
+  )
+  np.testing.assert_array_equal(data.images, data.reference_images)
+  np.testing.assert_array_equal(data.labels, data.reference_labels)
+  np.testing.assert_array_equal(data.source_index, data.reference_source_index)
+  assert data.is_target_domain.all()
+  assert not data.is_noisy.any()
+
+
+def test_split_record_stores_domain_masks(raw_dir, tmp_path):
+  directory, _ = raw_dir
+  data = _transform(directory)
+  path = tmp_path / "split_record.npz"
+  data_lib.save_split_record(data, path)
+  record = data_lib.load_split_record(path)
+  assert record.target_kind == "transform"
+  np.testing.assert_array_equal(record.is_target_domain, data.is_target_domain)
+  np.testing.assert_array_equal(record.test_is_target, data.test_is_target)
+
+
+@pytest.mark.parametrize(
+  ("target", "message"),
+  [
+    ({"kind": "shift"}, r"unknown target.kind 'shift'"),
+    ({"kind": "classes"}, r"target.kind 'classes' needs target.classes"),
+    ({"kind": "classes", "classes": (5, 10)}, r"target.classes must be in \[0, 10\)"),
+    ({"kind": "classes", "classes": (5, 5)}, r"target.classes must be distinct"),
+    ({"kind": "classes", "classes": tuple(range(10))}, r"lists every class"),
+    ({"kind": "classes", "classes": (5,), "sample_size": 11}, r"sample_size=11 exceeds the 10"),
+    ({"kind": "transform", "fraction": 0.1}, r"needs target.transform, one of rot90, invert"),
+    ({"kind": "transform", "transform": "rot90"}, r"needs target.fraction in \(0, 1\)"),
+    ({"kind": "transform", "transform": "rot90", "fraction": 1.0}, r"fraction must be a number"),
+    ({"fraction": 0.2}, r"target.fraction=0.2 needs a target distribution"),
+    ({"kind": "none", "train_on": "target_sample"}, r"train_on='target_sample' needs a target"),
+  ],
+)
+def test_invalid_target_config_raises(raw_dir, target, message):
+  directory, _ = raw_dir
+  with pytest.raises(data_lib.DataError, match=message):
+    _load(directory, **target)
+
+
+def test_target_without_reference_pool_raises(raw_dir):
+  directory, _ = raw_dir
+  config = make_config(name="mnist", source="idx", manual_dir=directory, reference_size=0)
+  config.target.kind = "classes"
+  config.target.classes = FOOTWEAR
+  with pytest.raises(data_lib.DataError, match=r"but reference_size is 0"):
+    data_lib.load_dataset(config)
+
+
+def _target_config(**overrides):
+  config = _tiny_config(**overrides)
+  config.data.reference_size = 20
+  config.data.target.kind = "classes"
+  config.data.target.classes = FOOTWEAR
+  return config
+
+
+def _weighted_accuracy(summary, data):
+  target_count = data.test_is_target.sum()
+  rest_count = len(data.test_is_target) - target_count
+  total = (
+    target_count * summary["final_target_test_accuracy"]
+    + rest_count * summary["final_rest_test_accuracy"]
+  )
+  return total / len(data.test_is_target)
+
+
+def test_finetune_runs_and_repeats_on_resume(tmp_path):
+  workdir = str(tmp_path / "finetune")
+  config = _target_config(**{"ddlr.enabled": False})
+  config.finetune.epochs = 2
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(config, workdir)
+    data = data_lib.load_dataset(config.data)
+    repeated = train.train_and_evaluate(config, workdir)
+    config.finetune.epochs = 3
+    with pytest.raises(checkpoint.ResumeError, match=r"config.finetune.epochs: 2 -> 3"):
+      train.train_and_evaluate(config, workdir)
+
+  assert len(summary["finetune_test_accuracy_per_epoch"]) == 2
+  assert len(summary["finetune_target_test_accuracy_per_epoch"]) == 2
+  assert summary["final_test_accuracy"] == summary["finetune_test_accuracy_per_epoch"][-1]
+  assert (
+    summary["final_target_test_accuracy"]
+    == (summary["finetune_target_test_accuracy_per_epoch"][-1])
+  )
+  # Target and rest partition the test set, so their weighted accuracies add up.
+  assert summary["final_test_accuracy"] == pytest.approx(_weighted_accuracy(summary, data))
+  # The rerun resumes at the end of the main training and repeats the fine-tuning.
+  for key in ("finetune_test_accuracy_per_epoch", "finetune_target_test_accuracy_per_epoch"):
+    assert repeated[key] == summary[key], key
+
+
+def test_ddlr_run_reports_target_and_domain_auroc(tmp_path):
+  workdir = str(tmp_path / "ddlr")
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(_target_config(), workdir)
+    data = data_lib.load_dataset(_target_config().data)
+
+  assert summary["last_epoch_target_test_accuracy"] == summary["final_target_test_accuracy"]
+  assert summary["target_test_accuracy_per_epoch"] == [summary["last_epoch_target_test_accuracy"]]
+  assert summary["last_epoch_test_accuracy"] == pytest.approx(_weighted_accuracy(summary, data))
+  rates = np.load(os.path.join(workdir, "rates.npz"))
+  np.testing.assert_array_equal(rates["is_target_domain"], np.isin(data.true_labels, FOOTWEAR))
+  expected = analysis.auroc(np.log(rates["rate"]), rates["is_target_domain"])
+  assert summary["target_domain_auroc"] == pytest.approx(expected)
+  record = data_lib.load_split_record(os.path.join(workdir, "split_record.npz"))
+  np.testing.assert_array_equal(record.is_target_domain, rates["is_target_domain"])
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["eval/target_test_accuracy"] for r in records if "epoch" in r] == [
+    summary["last_epoch_target_test_accuracy"]
+  ]
+
+
+def test_finetune_without_reference_raises(tmp_path):
+  config = _tiny_config(**{"ddlr.enabled": False})
+  config.data.reference_size = 0
+  config.finetune.epochs = 1
+  with pytest.raises(ConfigError, match=r"config.finetune.epochs=1 fine-tunes on the reference"):
+    train.train_and_evaluate(config, str(tmp_path))
