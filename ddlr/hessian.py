@@ -52,11 +52,17 @@ def _weighted_loss_sum(params, batch_stats, images, labels, weights, *, model: n
   return jnp.sum(weights * losses)
 
 
-def _chunk_hvp(params, batch_stats, images, labels, weights, tangents, *, model: nn.Module):
+def _chunk_hvp(params, batch_stats, images, labels, weights, flat_tangent, total, *, model):
+  """Adds one chunk's weighted Hessian-vector product to `total` (flat vectors)."""
+  # Flattening inside the jitted function keeps the per-leaf slicing out of
+  # eager mode, where every leaf shape would compile on its own.
+  _, unravel = ravel_pytree(params)
+
   def grad_fn(p):
     return jax.grad(_weighted_loss_sum)(p, batch_stats, images, labels, weights, model=model)
 
-  return jax.jvp(grad_fn, (params,), (tangents,))[1]
+  product = jax.jvp(grad_fn, (params,), (unravel(flat_tangent),))[1]
+  return total + ravel_pytree(product)[0]
 
 
 class HessianVectorProduct:
@@ -91,7 +97,8 @@ class HessianVectorProduct:
       labels: [n] integer labels.
 
     Returns:
-      The product on vectors of `ravel_pytree(params)`'s layout, and their length.
+      The product on float32 vectors in `ravel_pytree(params)`'s layout, and
+      their length.
 
     Raises:
       ValueError: if there are no examples or images and labels differ in length.
@@ -103,20 +110,18 @@ class HessianVectorProduct:
       raise ValueError("the example set is empty; the mean loss needs at least one example.")
     if len(images) != num_examples:
       raise ValueError(f"got {len(images)} images but {num_examples} labels; expected equal.")
-    flat_params, unravel = ravel_pytree(params)
+    dim = sum(leaf.size for leaf in jax.tree.leaves(params))
     chunks = self._chunks(images, labels)
 
     def matvec(vector: jax.Array) -> jax.Array:
-      tangents = unravel(vector.astype(flat_params.dtype))
-      total = jnp.zeros_like(flat_params)
+      total = jnp.zeros(dim, jnp.float32)
       for chunk_images, chunk_labels, chunk_weights in chunks:
-        product = self.chunk_hvp(
-          params, batch_stats, chunk_images, chunk_labels, chunk_weights, tangents
+        total = self.chunk_hvp(
+          params, batch_stats, chunk_images, chunk_labels, chunk_weights, vector, total
         )
-        total = total + ravel_pytree(product)[0]
       return total
 
-    return matvec, int(flat_params.size)
+    return matvec, int(dim)
 
   def _chunks(self, images: np.ndarray, labels: np.ndarray) -> list[tuple[Any, Any, Any]]:
     """Pads the examples to whole chunks and returns them on the device."""
@@ -143,7 +148,6 @@ def _set_row(basis: jax.Array, index: jax.Array, vector: jax.Array) -> jax.Array
   return basis.at[index].set(vector)
 
 
-@jax.jit
 def _orthogonalize(basis: jax.Array, vector: jax.Array) -> jax.Array:
   # Rows not yet filled are zero and remove nothing. Two passes of classical
   # Gram-Schmidt give orthogonality to rounding ("twice is enough").
@@ -151,6 +155,15 @@ def _orthogonalize(basis: jax.Array, vector: jax.Array) -> jax.Array:
   return vector - basis.T @ (basis @ vector)
 
 
+@jax.jit
+def _lanczos_step(basis, vector, previous, product, previous_beta):
+  """Returns alpha, the next unnormalised direction, its norm and the norm of the product."""
+  alpha = jnp.dot(product, vector)
+  direction = _orthogonalize(basis, product - alpha * vector - previous_beta * previous)
+  return alpha, direction, jnp.linalg.norm(direction), jnp.linalg.norm(product)
+
+
+@functools.partial(jax.jit, static_argnums=1)
 def _random_unit_vector(key: jax.Array, dim: int, basis: jax.Array) -> jax.Array:
   vector = _orthogonalize(basis, jax.random.normal(key, (dim,), jnp.float32))
   return vector / jnp.linalg.norm(vector)
@@ -199,14 +212,14 @@ def lanczos_top_eigenvalues(
   for j in range(num_iterations):
     basis = _set_row(basis, j, vector)
     product = matvec(vector).astype(jnp.float32)
-    alphas[j] = float(jnp.dot(product, vector))
-    direction = product - alphas[j] * vector - (betas[j - 1] if j else 0.0) * previous
-    direction = _orthogonalize(basis, direction)
-    betas[j] = float(jnp.linalg.norm(direction))
+    alpha, direction, beta, product_norm = _lanczos_step(
+      basis, vector, previous, product, float(betas[j - 1]) if j else 0.0
+    )
+    alphas[j], betas[j] = float(alpha), float(beta)
     if j == num_iterations - 1:
       break
     previous = vector
-    if betas[j] <= _BREAKDOWN_TOLERANCE * float(jnp.linalg.norm(product)):
+    if betas[j] <= _BREAKDOWN_TOLERANCE * float(product_norm):
       # An invariant subspace: T splits into blocks, and the next block starts afresh.
       betas[j] = 0.0
       vector = _random_unit_vector(jax.random.fold_in(key, j + 1), dim, basis)
