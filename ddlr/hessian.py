@@ -4,10 +4,10 @@ The loss is the mean softmax cross-entropy of the examples, without weight
 decay (which would add its coefficient to every eigenvalue). Hessian-vector
 products are forward-over-reverse, `jax.jvp` of `jax.grad` on the parameter
 pytree. BatchNorm runs in evaluation mode with the stored running statistics,
-so the loss is a fixed function of the parameters and each example's loss does
-not depend on the other examples: the Hessian of a set is then the same however
-it is cut into chunks. In training mode the batch statistics would couple the
-examples and the Hessian would depend on the chunking.
+so the loss is a fixed function of the parameters. Each example's loss then
+does not depend on the other examples, and the Hessian of a set is the same
+however it is cut into chunks. In training mode the batch statistics would
+couple the examples, and the Hessian would depend on the chunking.
 
 The top eigenvalues come from Lanczos iteration with full reorthogonalisation,
 started from a normal random vector drawn from a fixed key. With as many
@@ -29,8 +29,8 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 # A Lanczos step whose new direction keeps less than this fraction of the norm
-# of H v has found an invariant subspace; the iteration restarts from a fresh
-# random vector orthogonal to the basis, so that the basis keeps growing.
+# of H v has found an invariant subspace. The iteration then restarts from a
+# fresh random vector orthogonal to the basis, so that the basis keeps growing.
 _BREAKDOWN_TOLERANCE = 1e-5
 
 
@@ -130,7 +130,7 @@ class HessianVectorProduct:
     padding = num_chunks * self.chunk_size - num_examples
     images = np.concatenate([images, np.zeros((padding, *images.shape[1:]), images.dtype)])
     labels = np.concatenate([labels, np.zeros(padding, labels.dtype)])
-    # Each example weighs 1/n, so the chunks' products sum to the mean's; padding weighs 0.
+    # Each example weighs 1/n, so the chunks' products sum to the mean's. Padding weighs 0.
     weights = np.concatenate(
       [np.full(num_examples, 1.0 / num_examples, np.float32), np.zeros(padding, np.float32)]
     )
@@ -149,8 +149,8 @@ def _set_row(basis: jax.Array, index: jax.Array, vector: jax.Array) -> jax.Array
 
 
 def _orthogonalize(basis: jax.Array, vector: jax.Array) -> jax.Array:
-  # Rows not yet filled are zero and remove nothing. Two passes of classical
-  # Gram-Schmidt give orthogonality to rounding ("twice is enough").
+  # Rows not yet filled are zero and remove nothing. A second pass of classical
+  # Gram-Schmidt removes what rounding left after the first.
   vector = vector - basis.T @ (basis @ vector)
   return vector - basis.T @ (basis @ vector)
 

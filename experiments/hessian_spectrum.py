@@ -68,7 +68,7 @@ RECORD_NAME = "hessian_spectrum.json"
 
 @dataclasses.dataclass(frozen=True)
 class SpectrumSettings:
-  """What each spectrum is computed from; a resumed run must use the same settings."""
+  """Sample and Lanczos settings of every spectrum, which a resumed run must repeat."""
 
   classes: tuple[int, ...]
   examples_per_class: int
@@ -192,9 +192,9 @@ def restore_variables(config, train_dir: str, step: int, model, sample_images):
     manager.close()
   expected = jax.eval_shape(lambda: model.init(jax.random.key(0), sample_images, train=False))
   for name, restored in (("params", params), ("batch_stats", batch_stats)):
-    shapes = jax.tree.map(lambda x: tuple(x.shape), restored)
-    wanted = jax.tree.map(lambda x: tuple(x.shape), expected.get(name, {}))
-    if shapes != wanted:
+    restored_shapes = jax.tree.map(lambda x: tuple(x.shape), restored)
+    model_shapes = jax.tree.map(lambda x: tuple(x.shape), expected.get(name, {}))
+    if restored_shapes != model_shapes:
       raise checkpoint.ResumeError(
         f"the {name} of the checkpoint at step {step} in {train_dir} do not match "
         f"config.model ({config.model.name}); use a new --workdir."
@@ -278,6 +278,11 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
     "model": config.model.name,
     "class_names": {str(c): data.class_names[c] for c in settings.classes},
     "sample_ids": {str(c): ids.tolist() for c, ids in samples.items()},
+    # Classes are chosen by observed label, so with label noise a sample
+    # contains corrupted examples; this is their share.
+    "sample_noisy_fraction": {
+      str(c): float(data.is_noisy[ids].mean()) for c, ids in samples.items()
+    },
   }
   record = load_record(record_path, settings, header)
   model = create_model(config.model, data.num_classes)
@@ -312,6 +317,11 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
   logging.set_verbosity(logging.INFO)
+  if FLAGS.small and FLAGS["config"].present:
+    print(
+      "error: --small trains its own config; give --small or --config, not both.", file=sys.stderr
+    )
+    sys.exit(1)
   if FLAGS.small:
     config = small_config()
   else:
