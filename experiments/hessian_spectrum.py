@@ -11,8 +11,7 @@ arXiv:2105.13464). Full scale, with a ResNet-18 CIFAR-100 config:
 
 Small mode: the small CNN on 8,000 clean Fashion-MNIST training examples for
 4 epochs with uniform rates (`configs/default.py` shrunk). It used 2.3 minutes
-of CPU time on a 2-core x86-64 machine (jax 0.10.2), most of it in the
-Hessian-vector products.
+of CPU time on a 2-core x86-64 machine (jax 0.10.2).
 
   python -m experiments.hessian_spectrum --small --workdir=runs/hessian_small
 
