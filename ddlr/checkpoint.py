@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import Any
 
 import jax
 import ml_collections
@@ -173,6 +174,34 @@ def restore_latest(
   )
   logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
   return state, loop
+
+
+def restore_model_variables(manager: ocp.CheckpointManager, step: int) -> tuple[Any, Any]:
+  """Restores the parameters and BatchNorm statistics saved at `step`.
+
+  The arrays are restored as saved, without a template, so no optimizer needs
+  to be built; the caller checks them against its model.
+
+  Returns:
+    (params, batch_stats), with batch_stats `{}` for models without BatchNorm.
+
+  Raises:
+    ResumeError: if there is no checkpoint at `step` or it cannot be read.
+  """
+  step_dir = os.path.join(str(manager.directory), str(step))
+  if step not in manager.all_steps():
+    raise ResumeError(
+      f"no checkpoint at step {step} in {manager.directory}; it has steps "
+      f"{sorted(manager.all_steps())}."
+    )
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  except (ValueError, KeyError, TypeError, OSError) as error:
+    raise ResumeError(
+      f"the checkpoint {step_dir} cannot be read ({_first_line(error)})."
+    ) from error
+  state = restored["state"]
+  return state["params"], state.get("batch_stats") or {}
 
 
 def _first_line(error: Exception) -> str:

@@ -1,0 +1,152 @@
+"""Tests of the per-class Hessian spectrum experiment on mocked tfds data."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from ddlr import checkpoint, hessian, train
+from ddlr import data as data_lib
+from ddlr.config_checks import ConfigError
+from ddlr.models import create_model
+from experiments import hessian_spectrum
+
+SETTINGS = hessian_spectrum.SpectrumSettings(
+  classes=(0, 1),
+  examples_per_class=4,
+  top_k=3,
+  num_iterations=6,
+  chunk_size=4,
+  sample_seed=0,
+  lanczos_seed=0,
+)
+
+
+def _tiny_config():
+  config = default.get_config("quick")
+  config.data.num_train = 0
+  config.data.num_test = 0
+  config.data.reference_size = 0
+  config.data.noise.kind = "none"
+  config.data.noise.rate = 0.0
+  config.ddlr.enabled = False
+  config.model.width = 2
+  config.model.hidden = 4
+  config.train.num_epochs = 2
+  config.train.batch_size = 32
+  config.eval.batch_size = 50
+  return config
+
+
+def test_default_epochs_are_first_middle_last():
+  assert hessian_spectrum.spectrum_epochs([], 8) == [1, 4, 8]
+  assert hessian_spectrum.spectrum_epochs([], 3) == [1, 3]
+  assert hessian_spectrum.spectrum_epochs([], 1) == [1]
+  assert hessian_spectrum.spectrum_epochs(["5", "2", "2"], 8) == [2, 5]
+
+
+@pytest.mark.parametrize("text", ["0", "9", "x"])
+def test_epoch_outside_run_raises(text):
+  with pytest.raises(ConfigError, match=f"--epochs entry '{text}' is invalid"):
+    hessian_spectrum.spectrum_epochs([text], 8)
+
+
+@pytest.mark.parametrize(
+  ("change", "message"),
+  [
+    ({"classes": (0, 10)}, r"--classes entry 10 is invalid; expected a class id in \[0, 10\)"),
+    ({"classes": (1, 1)}, "expected distinct class ids"),
+    ({"top_k": 0}, "--top_k=0 is invalid"),
+    ({"num_iterations": 2}, "--num_iterations=2 is invalid; expected at least --top_k=3"),
+  ],
+)
+def test_invalid_settings_raise(change, message):
+  settings = hessian_spectrum.SpectrumSettings(**{**SETTINGS.__dict__, **change})
+  with pytest.raises(ConfigError, match=message):
+    hessian_spectrum.check_settings(settings, num_classes=10)
+
+
+def _fail(*args, **kwargs):
+  raise AssertionError("a resumed run must not repeat this work")
+
+
+def test_spectrum_run_resumes_without_retraining(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = _tiny_config()
+  record_path = os.path.join(workdir, "hessian_spectrum.json")
+  with tfds.testing.mock_data(num_examples=100):
+    second = hessian_spectrum.run(config, workdir, ["1", "2"], SETTINGS)
+    # 100 mocked training examples, batch 32: 3 steps per epoch.
+    assert [point["step"] for point in second["points"]] == [3, 6]
+
+    # A run stopped after training epoch 2 but before recording its spectra
+    # recomputes them from the checkpoint, without training.
+    monkeypatch.setattr(train, "train_and_evaluate", _fail)
+    partial = {**second, "points": second["points"][:1]}
+    with open(record_path, "w") as f:
+      json.dump(partial, f)
+    resumed = hessian_spectrum.run(config, workdir, ["1", "2"], SETTINGS)
+    assert resumed["points"][0] == second["points"][0]
+    for label in ("0", "1"):
+      recomputed = resumed["points"][1]["classes"][label]
+      recorded = second["points"][1]["classes"][label]
+      assert recomputed["eigenvalues"] == recorded["eigenvalues"]
+      assert recomputed["residual_norms"] == recorded["residual_norms"]
+
+    monkeypatch.setattr(hessian, "top_hessian_eigenvalues", _fail)
+    third = hessian_spectrum.run(config, workdir, ["1", "2"], SETTINGS)
+    assert third == resumed
+    data = data_lib.load_dataset(config.data)
+    monkeypatch.undo()
+
+  for point in second["points"]:
+    assert sorted(point["classes"]) == ["0", "1"]
+    for spectrum in point["classes"].values():
+      assert len(spectrum["eigenvalues"]) == 3
+      assert np.all(np.diff(spectrum["eigenvalues"]) <= 0)
+  with open(record_path) as f:
+    assert json.load(f) == resumed
+  assert os.path.getsize(os.path.join(workdir, "hessian_spectrum.png")) > 0
+  with open(os.path.join(workdir, "hessian_spectrum.md")) as f:
+    table = f.read().splitlines()
+  assert len(table) == 4 + 2 * 2  # caption, blank, header, rule, and 2 epochs x 2 classes
+
+  # The recorded values are those of the epoch-2 checkpoint on the recorded sample.
+  ids = np.asarray(second["sample_ids"]["1"])
+  assert np.all(data.labels[ids] == 1)
+  manager = checkpoint.create_manager(os.path.join(workdir, "train"), 2)
+  params, batch_stats = checkpoint.restore_model_variables(manager, 6)
+  manager.close()
+  model = create_model(config.model, data.num_classes)
+  expected = hessian.top_hessian_eigenvalues(
+    hessian.HessianVectorProduct(model, chunk_size=4),
+    params,
+    batch_stats,
+    data.images[ids],
+    data.labels[ids],
+    k=3,
+    num_iterations=6,
+    key=jax.random.key(0),
+  )
+  np.testing.assert_allclose(
+    second["points"][1]["classes"]["1"]["eigenvalues"], expected.eigenvalues, rtol=1e-5
+  )
+
+
+def test_spectrum_record_with_other_settings_raises(tmp_path):
+  (tmp_path / "hessian_spectrum.json").write_text(
+    json.dumps({"settings": {**SETTINGS.__dict__, "top_k": 5}, "points": []})
+  )
+  with pytest.raises(ConfigError, match="was written with a different settings"):
+    hessian_spectrum.load_record(str(tmp_path / "hessian_spectrum.json"), SETTINGS, {})
+
+
+def test_stop_after_steps_in_config_raises(tmp_path):
+  config = _tiny_config()
+  config.train.stop_after_steps = 3
+  with pytest.raises(ConfigError, match="config.train.stop_after_steps=3 is invalid here"):
+    hessian_spectrum.run(config, str(tmp_path), [], SETTINGS)
