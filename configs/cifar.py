@@ -1,10 +1,10 @@
 r"""CIFAR-10/100 with each CNN architecture, optional label noise, uniform or learned rates.
 
 SGD with momentum 0.9, weight decay 5e-4, batch 128, 200 epochs from a
-learning rate of 0.1 with a cosine or step schedule. 1,000 clean training
-examples (10 per class on CIFAR-100) are held out as the trusted reference
-split that the rates are learned against; the uniform baseline trains on the
-same 49,000 examples. Launch from the repository root:
+learning rate of 0.1 with a cosine or step schedule. The rates are learned
+against a trusted reference split of 1,000 clean training examples (10 per
+class on CIFAR-100). The uniform baseline trains on the same 49,000 other
+examples. Launch from the repository root:
 
   python -m ddlr.main --workdir=runs/cifar10_resnet18 \
     --config=configs/cifar.py:dataset=cifar10,model=resnet18,rates=instance

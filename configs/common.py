@@ -14,12 +14,11 @@ from typing import Any
 
 import ml_collections
 
-# The `pipelines` branch adds config.data.augmentation ('none', 'crop_flip',
-# 'inception_crop') and config.data.image_size. Until it is on main the data
-# loader rejects both fields, so the configs leave them out and train without
-# augmentation. tests/test_configs.py fails once the loader accepts the fields
-# while this is still False.
-# TODO: set to True when the pipelines branch is merged into main.
+# The data loader does not yet accept config.data.augmentation ('none',
+# 'crop_flip', 'inception_crop') or config.data.image_size, so the configs
+# leave both out and train without augmentation. tests/test_configs.py fails
+# once the loader accepts the fields while this is still False.
+# TODO: set to True once ddlr.data.default_config() has an augmentation field.
 AUGMENTATION_AVAILABLE = False
 
 # Rates options of every config: the uniform baseline, per-instance rates,

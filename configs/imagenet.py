@@ -1,8 +1,8 @@
 r"""ImageNet (ILSVRC-2012) with ResNet-18/34/50, uniform or learned rates.
 
 SGD with momentum 0.9, weight decay 1e-4, batch 256, 90 epochs and a peak
-learning rate of 0.1 x batch / 256, with a step schedule (x0.1 after epochs
-30, 60 and 80) or a cosine one, and an optional linear warm-up. Training
+learning rate of 0.1 x batch / 256. The schedule is a step schedule (x0.1
+after epochs 30, 60 and 80) or a cosine one, with an optional linear warm-up. Training
 images are random resized crops at 224x224 with horizontal flips. 10,000
 clean training examples (10 per class) are held out as the reference split.
 tfds needs the ILSVRC-2012 archives, downloaded by hand, to prepare
@@ -64,7 +64,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     {"name": args.model, "stem": "imagenet", "width": 8 if args.small else 64}
   )
 
-  batch_size = args.batch if args.batch is not None else (16 if args.small else 256)
+  batch_size = args.batch
+  if batch_size is None:
+    batch_size = 16 if args.small else 256
   config.optimizer.name = "momentum"
   config.optimizer.learning_rate = BASE_LEARNING_RATE * batch_size / 256
   config.optimizer.momentum = 0.9

@@ -1,9 +1,9 @@
 r"""Uniform against per-instance rates for each CNN architecture, over seeds.
 
-The paper reports gains from learned rates across CNN architectures; this
-sweep trains every listed model with the uniform base optimizer and with
-per-instance rates (configs/cifar.py or configs/fashion_mnist.py, clean
-labels) and writes a Markdown table of mean ± std over seeds.
+Tests whether learned rates help across CNN architectures. The sweep trains
+every listed model with the uniform base optimizer and with per-instance rates
+(configs/cifar.py or configs/fashion_mnist.py, clean labels) and writes a
+Markdown table of mean ± std over seeds.
 
   # CIFAR-10, every architecture, 3 seeds (GPU or TPU scale).
   python -m experiments.architectures --dataset=cifar10 --seeds=0,1,2 \

@@ -1,10 +1,10 @@
 r"""Uniform against per-instance rates under label noise, over seeds.
 
 Trains one architecture on each noise setting (symmetric 20/40/60/80% and
-pairflip 40% by default) with the uniform base optimizer and with rates
-learned against the clean reference split, and writes a Markdown table of
-mean ± std over seeds: last- and best-epoch test accuracy, and the AUROC of
-the learned rates against the corruption mask.
+pairflip 40% by default), with the uniform base optimizer and with rates
+learned against the clean reference split. The Markdown table gives mean ±
+std over seeds of the last- and best-epoch test accuracy, the AUROC of the
+learned rates against the corruption mask and the realised noise rate.
 
   # CIFAR-10 with ResNet-18, 3 seeds (GPU or TPU scale).
   python -m experiments.noisy_labels --dataset=cifar10 --model=resnet18 \
@@ -31,7 +31,7 @@ from experiments import paper_configs, sweep
 
 FLAGS = flags.FLAGS
 
-# The noise settings of the paper's table.
+# Symmetric noise from 20% to 80% and pairflip at 40%.
 DEFAULT_SETTINGS = (
   "symmetric:0.2",
   "symmetric:0.4",

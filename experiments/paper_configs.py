@@ -1,7 +1,7 @@
-"""Configs of the paper's sweeps, built from configs/cifar.py and configs/fashion_mnist.py.
+"""Configs of the architecture and noisy-label sweeps, from the CIFAR and Fashion-MNIST configs.
 
-CIFAR-10/100 are the paper's datasets; Fashion-MNIST is the stand-in that runs
-on a CPU (its `small` size in seconds, its full size in about a minute per run).
+CIFAR-10/100 are the full-scale datasets. Fashion-MNIST is the stand-in that
+runs on a CPU, its `small` size in seconds per run.
 """
 
 import ml_collections
