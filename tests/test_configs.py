@@ -205,7 +205,7 @@ TRAINING_RUNS = [
   (cifar, "dataset=cifar10,model=wide_resnet,rates=class,small"),
   (cifar, "dataset=cifar10,model=vgg16_bn,schedule=step,small"),
   (cifar, "dataset=cifar10,model=densenet_bc,small"),
-  (cifar, "dataset=cifar100,model=resnet18,noise=symmetric,rate=0.2,small"),
+  (cifar, "dataset=cifar100,model=resnet18,noise=symmetric,rate=0.2,rates=uniform,small"),
   (fashion_mnist, "model=small_cnn,noise=symmetric,rate=0.4,small"),
   (fashion_mnist, "model=resnet18,rates=uniform,small"),
   (imagenet, "model=resnet18,small"),
