@@ -61,7 +61,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = "momentum"  # sgd | momentum | nesterov | adamw
   config.optimizer.learning_rate = 0.05  # for SGD; adamw needs about 1e-3
-  config.optimizer.schedule = "cosine"  # constant | cosine
+  config.optimizer.schedule = "cosine"  # constant | cosine | step
+  # The step schedule multiplies the learning rate by decay_factor after each
+  # epoch listed here; epochs count from 1 at the start of training.
+  config.optimizer.decay_epochs = ()
+  config.optimizer.decay_factor = 0.1  # step schedule only
   config.optimizer.warmup_epochs = 0.0
   config.optimizer.momentum = 0.9
   config.optimizer.weight_decay = 5e-4

@@ -8,7 +8,7 @@ from ddlr import alignment, optim, steps
 from ddlr.models import MODELS
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
-SCHEDULES = ("constant", "cosine")
+SCHEDULES = ("constant", "cosine", "step")
 
 
 class ConfigError(ValueError):
@@ -101,6 +101,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"config.train.num_epochs={config.train.num_epochs}, so the peak learning rate "
       "would never be reached."
     )
+  _check_step_schedule(config)
   _require_range(config, "train.batch_size", 1, integer=True)
   _require_range(config, "train.log_every_steps", 1, integer=True)
   _require_range(config, "train.stop_after_steps", 0, integer=True)
@@ -118,4 +119,46 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
       f"config.finetune.epochs={config.finetune.epochs} fine-tunes on the reference split "
       "(the target sample), but config.data.reference_size is 0; set it > 0."
+    )
+
+
+def _check_step_schedule(config) -> None:
+  """Checks `decay_epochs` and `decay_factor`, which only the step schedule reads."""
+  opt = config.optimizer
+  _require_range(config, "optimizer.decay_factor", 0.0, 1.0)
+  if opt.decay_factor == 0.0:
+    raise ConfigError("config.optimizer.decay_factor=0.0 is invalid; expected a value in (0, 1].")
+  epochs = _get(config, "optimizer.decay_epochs")
+  if not isinstance(epochs, (tuple, list)):
+    raise ConfigError(
+      f"config.optimizer.decay_epochs={epochs!r} is invalid; expected a tuple of epochs."
+    )
+  if opt.schedule != "step":
+    if epochs:
+      raise ConfigError(
+        f"config.optimizer.decay_epochs={tuple(epochs)} is set but "
+        f"config.optimizer.schedule={opt.schedule!r} ignores it; set schedule='step' or "
+        "decay_epochs=()."
+      )
+    return
+  if not epochs:
+    raise ConfigError(
+      "config.optimizer.schedule='step' needs config.optimizer.decay_epochs, the epochs "
+      "after which the learning rate is multiplied by decay_factor; got ()."
+    )
+  for epoch in epochs:
+    if isinstance(epoch, bool) or not isinstance(epoch, int):
+      raise ConfigError(
+        f"config.optimizer.decay_epochs={tuple(epochs)} is invalid; expected integers."
+      )
+    if not opt.warmup_epochs < epoch < config.train.num_epochs:
+      raise ConfigError(
+        f"config.optimizer.decay_epochs={tuple(epochs)} is invalid; expected every epoch "
+        f"after warmup_epochs={opt.warmup_epochs} and before "
+        f"config.train.num_epochs={config.train.num_epochs}."
+      )
+  if list(epochs) != sorted(set(epochs)):
+    raise ConfigError(
+      f"config.optimizer.decay_epochs={tuple(epochs)} is invalid; expected strictly "
+      "increasing epochs."
     )

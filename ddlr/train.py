@@ -26,23 +26,11 @@ from ddlr import analysis, checkpoint, optim, personalisation, reporting, steps
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
+from ddlr.schedules import learning_rate_schedule
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss or gradient became NaN or infinite."""
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int, steps_per_epoch):
-  """Returns the base learning-rate schedule: optional linear warm-up, then constant or cosine."""
-  warmup_steps = int(round(config.warmup_epochs * steps_per_epoch))
-  if config.schedule == "constant":
-    main = optax.constant_schedule(config.learning_rate)
-  else:
-    main = optax.cosine_decay_schedule(config.learning_rate, max(total_steps - warmup_steps, 1))
-  if warmup_steps == 0:
-    return main
-  warmup = optax.linear_schedule(0.0, config.learning_rate, warmup_steps)
-  return optax.join_schedules([warmup, main], [warmup_steps])
 
 
 def build_optimizer(config, *, num_instances, num_classes, learning_rate):

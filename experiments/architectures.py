@@ -1,0 +1,93 @@
+r"""Uniform against per-instance rates for each CNN architecture, over seeds.
+
+Tests whether learned rates help across CNN architectures. The sweep trains
+every listed model with the uniform base optimizer and with per-instance rates
+(configs/cifar.py or configs/fashion_mnist.py, clean labels) and writes a
+Markdown table of mean ± std over seeds.
+
+  # CIFAR-10, every architecture, 3 seeds (GPU or TPU scale).
+  python -m experiments.architectures --dataset=cifar10 --seeds=0,1,2 \
+    --workdir=runs/architectures_cifar10
+
+  # CPU scale: Fashion-MNIST, small CNN and narrow ResNet-18.
+  python -m experiments.architectures --dataset=fashion_mnist --seeds=0,1,2 \
+    --workdir=runs/architectures_fmnist
+
+  # End to end in a few minutes on a CPU.
+  python -m experiments.architectures --dataset=fashion_mnist --small \
+    --workdir=runs/architectures_small
+
+Rerunning the same command reuses finished runs and resumes interrupted ones.
+The table is written to `results.md` in the workdir.
+"""
+
+import sys
+
+from absl import app, flags
+
+from experiments import paper_configs, sweep
+
+FLAGS = flags.FLAGS
+
+COLUMNS = (
+  ("last_epoch_test_accuracy", "last-epoch test acc."),
+  ("best_epoch_test_accuracy", "best-epoch test acc."),
+  ("seconds_per_step", "s/step"),
+)
+
+
+def architecture_rows(dataset: str, models: list[str], small: bool) -> list[sweep.Row]:
+  """Returns a uniform and a ddlr row for every model, grouped by model.
+
+  Raises:
+    ValueError: for an unknown dataset or a model its config does not offer.
+  """
+  available = paper_configs.models_of(dataset)
+  unknown = [model for model in models if model not in available]
+  if unknown:
+    raise ValueError(
+      f"--models has {', '.join(unknown)}, which {dataset} does not offer; expected "
+      f"some of {', '.join(available)}."
+    )
+  rows = []
+  for model in models or available:
+    for method in paper_configs.METHODS:
+      config = paper_configs.build_config(dataset, model, method, small=small)
+      rows.append(sweep.Row(f"{model}_{method}", config, group=model))
+  return rows
+
+
+def define_flags() -> None:
+  """Defines the sweep's command-line flags.
+
+  Only the entry point calls it, so tests can import this module beside other
+  sweeps that define flags of the same names.
+  """
+  flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
+  flags.DEFINE_string("dataset", "cifar10", f"One of {', '.join(paper_configs.DATASETS)}.")
+  flags.DEFINE_list("models", [], "Architectures to compare; empty for every model of the dataset.")
+  flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
+  flags.DEFINE_bool("small", False, "Use the configs' `small` size, a run of seconds on a CPU.")
+  flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  try:
+    seeds = sweep.parse_seeds(FLAGS.seeds)
+    rows = architecture_rows(FLAGS.dataset, FLAGS.models, FLAGS.small)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
+  summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
+  groups = {row.name: row.group for row in rows}
+  table = sweep.results_table(summaries, seeds, COLUMNS, groups=groups)
+  path = sweep.write_table(FLAGS.workdir, table)
+  print(table)
+  print(f"table written to {path}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

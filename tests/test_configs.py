@@ -1,0 +1,259 @@
+"""Tests of the experiment configs: argument strings, validation and two training steps."""
+
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from configs import cifar, common, default, fashion_mnist, imagenet
+from ddlr import data as data_lib
+from ddlr import train
+from ddlr.config_checks import ConfigError, validate_config
+from ddlr.models import create_model
+
+CIFAR_ARGS = [
+  f"dataset={dataset},model={model},rates={rates}{size}"
+  for dataset, model, rates, size in itertools.product(
+    cifar.DATASETS, cifar.MODELS, common.RATES, ("", ",small")
+  )
+]
+NOISE_ARGS = [
+  f"noise={kind},rate={rate}{size}"
+  for kind, rate in [("symmetric", r) for r in (0.2, 0.4, 0.6, 0.8)] + [("pairflip", 0.4)]
+  for size in ("", ",small")
+]
+IMAGENET_ARGS = [
+  f"model={model},rates={rates},schedule={schedule}{size}"
+  for model, rates, schedule, size in itertools.product(
+    imagenet.MODELS, common.RATES, ("step", "cosine"), ("", ",small")
+  )
+]
+FASHION_ARGS = [
+  f"model={model},rates={rates}{noise}{size}"
+  for model, rates, noise, size in itertools.product(
+    fashion_mnist.MODELS,
+    common.RATES,
+    ("", ",noise=symmetric,rate=0.4", ",noise=pairflip,rate=0.4"),
+    ("", ",small"),
+  )
+]
+ALL_CONFIGS = (
+  [(cifar, arg) for arg in CIFAR_ARGS + NOISE_ARGS + ["schedule=step", "schedule=step,small"]]
+  + [(imagenet, arg) for arg in IMAGENET_ARGS + ["warmup=5", "batch=1024"]]
+  + [(fashion_mnist, arg) for arg in FASHION_ARGS]
+)
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "fashion_mnist": 10}
+
+
+@pytest.mark.parametrize(
+  ("module", "arg"), ALL_CONFIGS, ids=[f"{m.__name__}:{a}" for m, a in ALL_CONFIGS]
+)
+def test_config_builds_and_validates(module, arg):
+  config = module.get_config(arg)
+  validate_config(config)
+  # Building the module checks that every model field is a constructor argument.
+  model = create_model(config.model, NUM_CLASSES[config.data.name])
+  assert model.num_classes == NUM_CLASSES[config.data.name]
+  assert config.data.reference_size % NUM_CLASSES[config.data.name] == 0
+  assert config.data.num_train == 0 or config.data.num_train > config.data.reference_size
+  if module is not imagenet:
+    # The data section has exactly the fields the loader accepts.
+    assert set(config.data.keys()) == set(data_lib.default_config().keys())
+
+
+def test_cifar_full_size_matches_the_recipe():
+  config = cifar.get_config("dataset=cifar100,model=wide_resnet,schedule=step")
+  assert config.data.name == "cifar100"
+  assert config.data.num_train == 0
+  assert config.optimizer.name == "momentum"
+  assert config.optimizer.momentum == 0.9
+  assert config.optimizer.learning_rate == 0.1
+  assert config.optimizer.weight_decay == 5e-4
+  assert config.train.batch_size == 128
+  assert config.train.num_epochs == 200
+  assert tuple(config.optimizer.decay_epochs) == (100, 150)
+  assert config.model.to_dict() == {
+    "name": "wide_resnet", "depth": 28, "widen_factor": 10, "dropout_rate": 0.0
+  }  # fmt: skip
+  densenet = cifar.get_config("model=densenet_bc").model
+  assert (densenet.depth, densenet.growth_rate, densenet.compression) == (100, 12, 0.5)
+
+
+def test_rates_option_sets_ddlr_section():
+  expected = {
+    "uniform": (False, False, False),
+    "instance": (True, True, False),
+    "class": (True, False, True),
+    "instance+class": (True, True, True),
+  }
+  for rates, (enabled, instance, per_class) in expected.items():
+    ddlr = cifar.get_config(f"rates={rates}").ddlr
+    assert (ddlr.enabled, ddlr.instance_rates, ddlr.class_rates) == (enabled, instance, per_class)
+
+
+def test_imagenet_learning_rate_scales_with_batch():
+  config = imagenet.get_config("batch=1024,warmup=5")
+  assert config.optimizer.learning_rate == pytest.approx(0.4)
+  assert config.train.batch_size == 1024
+  assert config.optimizer.warmup_epochs == 5.0
+  assert tuple(config.optimizer.decay_epochs) == (30, 60, 80)
+  assert config.model.stem == "imagenet"
+  assert imagenet.get_config("small").optimizer.learning_rate == pytest.approx(0.1 * 16 / 256)
+
+
+@pytest.mark.parametrize(
+  ("module", "arg", "message"),
+  [
+    (cifar, "dataset=svhn", r"argument dataset='svhn' is invalid; expected one of cifar10"),
+    (cifar, "model=resnet101", r"argument model='resnet101' is invalid"),
+    (cifar, "depth=40", r"unknown argument 'depth' in 'depth=40'; expected keys"),
+    (cifar, "small,small", r"argument 'small' is given twice"),
+    (cifar, "small=maybe", r"argument small='maybe' is invalid; expected true or false"),
+    (cifar, "noise=symmetric", r"noise=symmetric needs a rate in \(0, 1\)"),
+    (cifar, "noise=symmetric,rate=1.5", r"noise=symmetric needs a rate in \(0, 1\)"),
+    (cifar, "rate=0.4", r"rate=0.4 needs a noise kind"),
+    (cifar, "noise=pairflip,rate=high", r"argument rate='high' is invalid; expected a float"),
+    (cifar, "model", r"argument 'model' needs a value"),
+    (imagenet, "batch=0", r"argument batch=0 is invalid; expected >= 1"),
+    (imagenet, "warmup=-1", r"argument warmup=-1 is invalid; expected >= 0"),
+    (fashion_mnist, "model=vgg16_bn", r"argument model='vgg16_bn' is invalid"),
+    (default, "small", r"takes no argument or 'quick'"),
+  ],
+)
+def test_invalid_argument_raises(module, arg, message):
+  with pytest.raises(ValueError, match=message):
+    module.get_config(arg)
+
+
+def test_augmentation_switch_matches_data_loader():
+  # Fails when the data loader gains the augmentation fields while the
+  # configs still leave them out, so that the switch is not forgotten.
+  loader_has_fields = "augmentation" in data_lib.default_config()
+  assert common.AUGMENTATION_AVAILABLE == loader_has_fields
+  config = cifar.get_config("small")
+  assert ("augmentation" in config.data) == common.AUGMENTATION_AVAILABLE
+
+
+def test_step_schedule_values():
+  config = default.get_config().optimizer
+  config.learning_rate = 0.1
+  config.schedule = "step"
+  config.decay_epochs = (2, 4)
+  config.decay_factor = 0.1
+  schedule = train.learning_rate_schedule(config, total_steps=60, steps_per_epoch=10)
+  # Epochs 1-2 are steps 0-19, epochs 3-4 steps 20-39, then the rest.
+  expected = {0: 0.1, 19: 0.1, 20: 0.01, 39: 0.01, 40: 0.001, 59: 0.001}
+  for step, value in expected.items():
+    assert float(schedule(step)) == pytest.approx(value, rel=1e-6), step
+
+  config.warmup_epochs = 1.0
+  schedule = train.learning_rate_schedule(config, total_steps=60, steps_per_epoch=10)
+  # Linear warm-up over steps 0-9; the milestones stay at epochs 2 and 4.
+  expected = {0: 0.0, 5: 0.05, 10: 0.1, 19: 0.1, 20: 0.01, 40: 0.001}
+  for step, value in expected.items():
+    assert float(schedule(step)) == pytest.approx(value, rel=1e-6, abs=1e-9), step
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    ({"schedule": "step"}, r"schedule='step' needs config.optimizer.decay_epochs"),
+    ({"decay_epochs": (4,)}, r"decay_epochs=\(4,\) is set but config.optimizer.schedule="),
+    ({"schedule": "step", "decay_epochs": (8,)}, r"before config.train.num_epochs=8"),
+    ({"schedule": "step", "decay_epochs": (0,)}, r"expected every epoch after warmup_epochs"),
+    ({"schedule": "step", "decay_epochs": (4, 2)}, r"expected strictly increasing epochs"),
+    ({"schedule": "step", "decay_epochs": (2, 2)}, r"expected strictly increasing epochs"),
+    ({"schedule": "step", "decay_epochs": (2.5,)}, r"expected integers"),
+    ({"schedule": "step", "decay_epochs": (2,), "decay_factor": 0.0}, r"decay_factor=0.0"),
+    ({"schedule": "step", "decay_epochs": (2,), "decay_factor": 2.0}, r"decay_factor=2.0"),
+    (
+      {"schedule": "step", "decay_epochs": (2,), "warmup_epochs": 3.0},
+      r"expected every epoch after warmup_epochs=3.0",
+    ),
+  ],
+)
+def test_invalid_step_schedule_raises(overrides, message):
+  config = default.get_config()
+  for field, value in overrides.items():
+    config.optimizer[field] = value
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config)
+
+
+def _labels_cycle_dataset(builder, *args, **kwargs):
+  """Mock tfds data whose labels cycle through every class, for a class-balanced split."""
+  del args, kwargs
+  num_classes = builder.info.features["label"].num_classes
+  # ImageNet images have no fixed size; any size above the crop will do.
+  shape = tuple(48 if size is None else size for size in builder.info.features["image"].shape)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, size=(2 * num_classes + 256, *shape), dtype=np.uint8)
+  labels = np.arange(len(images)) % num_classes
+  return tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
+
+
+# One two-step run per architecture and per dataset, covering each noise kind
+# and rates option at least once; every run compiles its own train step.
+TRAINING_RUNS = [
+  (cifar, "dataset=cifar10,model=resnet18,noise=symmetric,rate=0.4,small"),
+  (cifar, "dataset=cifar10,model=resnet34,rates=uniform,small"),
+  (cifar, "dataset=cifar10,model=resnet50,noise=pairflip,rate=0.4,rates=instance+class,small"),
+  (cifar, "dataset=cifar10,model=wide_resnet,rates=class,small"),
+  (cifar, "dataset=cifar10,model=vgg16_bn,schedule=step,small"),
+  (cifar, "dataset=cifar10,model=densenet_bc,small"),
+  (cifar, "dataset=cifar100,model=resnet18,noise=symmetric,rate=0.2,rates=uniform,small"),
+  (fashion_mnist, "model=small_cnn,noise=symmetric,rate=0.4,small"),
+  (fashion_mnist, "model=resnet18,rates=uniform,small"),
+  (imagenet, "model=resnet18,small"),
+]
+
+
+@pytest.mark.parametrize(
+  ("module", "arg"), TRAINING_RUNS, ids=[f"{m.__name__}:{a}" for m, a in TRAINING_RUNS]
+)
+def test_two_training_steps_run(tmp_path, module, arg):
+  config = module.get_config(arg)
+  if config.data.name not in data_lib.SUPPORTED_DATASETS:
+    pytest.skip(f"the data loader on this branch does not support {config.data.name} yet")
+  # One step per epoch for two epochs, so a step schedule decays between them.
+  batch_size = config.train.batch_size
+  config.data.num_train = config.data.reference_size + batch_size
+  config.data.num_test = 64
+  config.train.num_epochs = 2
+  config.train.log_every_steps = 1
+  config.eval.batch_size = 64
+
+  with tfds.testing.mock_data(as_dataset_fn=_labels_cycle_dataset):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+
+  with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert [r["step"] for r in records if "train/loss" in r] == [1, 2]
+  assert all(np.isfinite(r["train/loss"]) for r in records if "train/loss" in r)
+  assert summary["completed"]
+  assert 0.0 <= summary["last_epoch_test_accuracy"] <= 1.0
+
+  record = data_lib.load_split_record(os.path.join(tmp_path, "split_record.npz"))
+  num_noisy = round(config.data.noise.rate * batch_size)
+  assert int(record.is_noisy.sum()) == num_noisy
+  if config.data.noise.kind == "pairflip":
+    noisy = record.is_noisy
+    num_classes = NUM_CLASSES[config.data.name]
+    np.testing.assert_array_equal(
+      record.labels[noisy], (record.true_labels[noisy] + 1) % num_classes
+    )
+
+  rates_path = os.path.join(tmp_path, "rates.npz")
+  assert os.path.exists(rates_path) == config.ddlr.enabled
+  if config.ddlr.instance_rates and config.ddlr.enabled:
+    # Every step visits all batch_size instances.
+    log_lr = np.load(rates_path)["log_lr"]
+    assert log_lr.shape == (batch_size,)
+    assert np.count_nonzero(log_lr) == batch_size
+  if config.optimizer.schedule == "step":
+    learning_rates = [r["train/learning_rate"] for r in records if "train/loss" in r]
+    assert learning_rates == pytest.approx([0.1, 0.01])
