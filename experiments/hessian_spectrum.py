@@ -44,26 +44,6 @@ from ddlr.models import create_model
 from experiments import hessian_report
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-  "config", "configs/cifar.py", "Experiment config file to train; ignored with --small."
-)
-flags.DEFINE_string("workdir", None, "Directory for the training run and the spectrum outputs.")
-flags.DEFINE_bool(
-  "small", False, "Train configs/default.py shrunk to a few CPU minutes instead of --config."
-)
-flags.DEFINE_list(
-  "epochs", [], "Epochs after which to compute the spectra; default 1, num_epochs // 2, last."
-)
-flags.DEFINE_list("classes", ["0", "1", "2", "3"], "Class ids whose spectra are computed.")
-flags.DEFINE_integer("examples_per_class", 256, "Training examples sampled per class.")
-flags.DEFINE_integer("top_k", 10, "Number of largest eigenvalues per spectrum.")
-flags.DEFINE_integer(
-  "num_iterations", 40, "Lanczos iterations per spectrum, one Hessian-vector product each."
-)
-flags.DEFINE_integer("chunk_size", 128, "Examples per Hessian-vector product chunk (memory bound).")
-flags.DEFINE_integer("sample_seed", 0, "Seed of the per-class example sample.")
-flags.DEFINE_integer("lanczos_seed", 0, "Seed of the Lanczos start vector.")
-flags.mark_flags_as_required(["workdir"])
 
 RECORD_NAME = "hessian_spectrum.json"
 
@@ -361,5 +341,32 @@ def main(argv: list[str]) -> None:
   print(f"outputs in {FLAGS.workdir}")
 
 
+def define_flags() -> None:
+  """Defines the command-line flags; only the entry point calls it, so tests can import this."""
+  config_flags.DEFINE_config_file(
+    "config", "configs/cifar.py", "Experiment config file to train; ignored with --small."
+  )
+  flags.DEFINE_string("workdir", None, "Directory for the training run and the spectrum outputs.")
+  flags.DEFINE_bool(
+    "small", False, "Train configs/default.py shrunk to a few CPU minutes instead of --config."
+  )
+  flags.DEFINE_list(
+    "epochs", [], "Epochs after which to compute the spectra; default 1, num_epochs // 2, last."
+  )
+  flags.DEFINE_list("classes", ["0", "1", "2", "3"], "Class ids whose spectra are computed.")
+  flags.DEFINE_integer("examples_per_class", 256, "Training examples sampled per class.")
+  flags.DEFINE_integer("top_k", 10, "Number of largest eigenvalues per spectrum.")
+  flags.DEFINE_integer(
+    "num_iterations", 40, "Lanczos iterations per spectrum, one Hessian-vector product each."
+  )
+  flags.DEFINE_integer(
+    "chunk_size", 128, "Examples per Hessian-vector product chunk (memory bound)."
+  )
+  flags.DEFINE_integer("sample_seed", 0, "Seed of the per-class example sample.")
+  flags.DEFINE_integer("lanczos_seed", 0, "Seed of the Lanczos start vector.")
+  flags.mark_flags_as_required(["workdir"])
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -18,10 +18,14 @@ from ml_collections import config_flags
 from experiments import sweep
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
-flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
-flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def define_flags() -> None:
+  """Defines the command-line flags; only the entry point calls it, so tests can import this."""
+  config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+  flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
+  flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def method_rows(config) -> list[sweep.Row]:
@@ -50,4 +54,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
