@@ -83,10 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Above 1 it is computed after every k-th update, so reference_at must stay
   # 'lookahead'.
   config.ddlr.reference_every_steps = 1
-  # small_loss and small_loss_split: the share of a batch (of reference_batch_size
-  # training instances for small_loss, of each half of the batch for
-  # small_loss_split) kept as the pseudo-clean reference, lowest loss first;
-  # ranked within each observed label when small_loss_per_class is True.
+  # Share of a batch kept as the pseudo-clean reference, lowest loss first. The
+  # batch is one of reference_batch_size training instances for small_loss, and
+  # each half of the training batch for small_loss_split. With
+  # small_loss_per_class the share is taken within each observed label.
   config.ddlr.small_loss_fraction = 0.3
   config.ddlr.small_loss_per_class = False
   config.ddlr.alignment = "jvp"  # jvp (fast, O(P) memory) | vmap (per-example gradients)

@@ -1,9 +1,9 @@
 """Pseudo-clean reference gradients from the small-loss examples of the training data.
 
 Without a trusted clean split, the training examples with the lowest loss
-stand in for one: under label noise, a network fits the clean examples before
-it memorises the corrupted ones, so the low-loss part of a batch is mostly
-clean. Two references use this selection:
+stand in for one. Under label noise a network tends to fit the clean examples
+before it memorises the corrupted ones, so the low-loss part of a batch is
+mostly clean early in training. Two references use this selection:
 
 * `small_loss`: the mean loss gradient of the lowest-loss examples of a second
   training batch drawn at random. Instances of the current batch are excluded
