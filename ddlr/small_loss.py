@@ -79,8 +79,8 @@ def small_loss_gradient(
 ):
   """Computes the mean loss gradient of the small-loss examples of one batch.
 
-  The examples are selected by their losses at `params`, the same forward
-  pass that the gradient is taken from; the selection itself is held fixed,
+  The examples are selected by their losses at `params`, from the same
+  forward pass that the gradient is taken from. The selection is held fixed,
   so the result is the gradient of the selected examples' mean loss.
 
   Args:
