@@ -77,7 +77,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.ddlr.enabled = True  # False trains the uniform baseline
   config.ddlr.instance_rates = True
   config.ddlr.class_rates = False
-  config.ddlr.reference = "reference"  # batch | lookahead | split | momentum | reference
+  # batch | lookahead | split | momentum | reference | small_loss | small_loss_split;
+  # the small_loss references need no reference split (reference_size may be 0).
+  config.ddlr.reference = "reference"
   config.ddlr.reference_at = "lookahead"  # lookahead (exact for SGD) | current (cheaper)
   config.ddlr.reference_batch_size = 128
   # Recompute the reference-split gradient every this many steps (1: every
@@ -85,6 +87,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Above 1 it is computed after every k-th update, so reference_at must stay
   # 'lookahead'.
   config.ddlr.reference_every_steps = 1
+  # Share of a batch kept as the pseudo-clean reference, lowest loss first. The
+  # batch is one of reference_batch_size training instances for small_loss, and
+  # each half of the training batch for small_loss_split. With
+  # small_loss_per_class the share is taken within each observed label.
+  config.ddlr.small_loss_fraction = 0.3
+  config.ddlr.small_loss_per_class = False
   config.ddlr.alignment = "jvp"  # jvp (fast, O(P) memory) | vmap (per-example gradients)
   # With 'rms' each visit moves an instance's log rate by about
   # hyper_learning_rate, whatever the scale of the gradients.

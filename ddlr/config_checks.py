@@ -40,6 +40,24 @@ def _get(config, path: str):
   return node
 
 
+def _check_small_loss(config) -> None:
+  _require_range(config, "ddlr.small_loss_fraction", 0.0, 1.0)
+  if config.ddlr.small_loss_fraction == 0.0:
+    raise ConfigError("config.ddlr.small_loss_fraction=0.0 is invalid; expected a value in (0, 1].")
+  per_class = _get(config, "ddlr.small_loss_per_class")
+  if not isinstance(per_class, bool):
+    raise ConfigError(
+      f"config.ddlr.small_loss_per_class={per_class!r} is invalid; expected True or False."
+    )
+  reference = config.ddlr.reference
+  if reference in ("small_loss", "small_loss_split") and config.ddlr.reference_every_steps != 1:
+    raise ConfigError(
+      f"config.ddlr.reference_every_steps={config.ddlr.reference_every_steps} is invalid "
+      f"with config.ddlr.reference={reference!r}; only 'reference' reuses its gradient, "
+      "so set it to 1."
+    )
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
 
@@ -64,6 +82,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
   _require_range(config, "ddlr.reference_every_steps", 1, integer=True)
+  _check_small_loss(config)
   _require_range(config, "ddlr.hyper_learning_rate", 0.0)
   _require_range(config, "ddlr.hyper_momentum", 0.0, 1.0)
   if config.ddlr.hyper_momentum == 1.0:
@@ -90,9 +109,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "is computed after every k-th update, at the parameters it produced. Set "
       "reference_at='lookahead' or reference_every_steps=1."
     )
-  if config.ddlr.enabled and config.ddlr.reference == "split":
+  if config.ddlr.enabled and config.ddlr.reference in ("split", "small_loss_split"):
     if config.train.batch_size < 2:
-      raise ConfigError("config.ddlr.reference='split' needs config.train.batch_size >= 2.")
+      raise ConfigError(
+        f"config.ddlr.reference={config.ddlr.reference!r} needs config.train.batch_size >= 2."
+      )
 
   _require_range(config, "train.num_epochs", 1, integer=True)
   if config.optimizer.warmup_epochs > config.train.num_epochs:

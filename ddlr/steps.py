@@ -18,15 +18,29 @@ from flax import struct
 
 from ddlr import alignment as alignment_lib
 from ddlr import optim
+from ddlr import small_loss as small_loss_lib
 
 # Which gradient the alignment is measured against:
 #   batch      the weighted gradient of the batch itself (biased: self term);
 #   lookahead  the batch's mean loss gradient after the step;
 #   split      each half of the batch against the other half's gradient;
 #   momentum   the base optimizer's momentum buffer (past batches only);
-#   reference  a batch of the held-out reference split.
-REFERENCES = ("batch", "lookahead", "split", "momentum", "reference")
-# Parameters at which the `reference` batch's gradient is taken: after the step
+#   reference  a batch of the held-out reference split;
+#   small_loss the lowest-loss examples of a second, random training batch,
+#              the current batch's instances excluded (no trusted data);
+#   small_loss_split
+#              each half of the batch against the lowest-loss examples of
+#              the other half (no trusted data, no extra forward pass).
+REFERENCES = (
+  "batch",
+  "lookahead",
+  "split",
+  "momentum",
+  "reference",
+  "small_loss",
+  "small_loss_split",
+)
+# Parameters at which the `reference` (and `small_loss`) batch's gradient is taken: after the step
 # (exact for SGD), or the current ones (a first-order shortcut, one forward less).
 REFERENCE_POINTS = ("lookahead", "current")
 PRECONDITIONERS = ("identity", "adam")
@@ -75,6 +89,10 @@ class StepSettings:
   # the alignment (its JVP). False: jax.vjp for the gradient and a separate
   # jax.jvp, which repeats the forward pass; kept to test and benchmark.
   linearize: bool = True
+  # Share of a batch that `small_loss` and `small_loss_split` keep as the
+  # pseudo-clean reference, ranked by loss within each label when per_class.
+  small_loss_fraction: float = 0.3
+  small_loss_per_class: bool = False
   preconditioner: str = "identity"
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
@@ -261,6 +279,12 @@ def compute_batch_alignment(
     both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
     return jnp.where(first_half, both[0], both[1])
 
+  if settings.reference == "small_loss_split":
+    return small_loss_lib.split_alignment(
+      lin, labels, precondition, fraction=settings.small_loss_fraction,
+      per_class=settings.small_loss_per_class, method=settings.alignment,
+    )  # fmt: skip
+
   if settings.reference == "batch":
     direction = grads
   elif settings.reference == "momentum":
@@ -269,6 +293,8 @@ def compute_batch_alignment(
     params_after = lookahead_params(state, grads, ids, labels, tx)
     images = data.train_images[ids]
     direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
+  elif settings.reference == "small_loss":
+    direction = small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings)
   elif caches_reference(settings):
     direction = state.reference_direction
   else:
@@ -309,6 +335,32 @@ def reference_split_gradient(model, batch_stats, params, data, rng, batch_size):
   picked = jax.random.choice(rng, num_reference, (batch_size,), replace=batch_size > num_reference)
   return mean_loss_gradient(
     model, batch_stats, params, data.reference_images[picked], data.reference_labels[picked]
+  )
+
+
+def small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings):
+  """Returns the mean loss gradient of the small-loss part of a random training batch.
+
+  The batch has `reference_batch_size` training instances (drawn without
+  replacement when there are enough); those also in the current batch `ids`
+  are never selected. Losses and gradient are taken at `reference_at`.
+  """
+  num_train = data.train_labels.shape[0]
+  size = settings.reference_batch_size
+  other_ids = jax.random.choice(rng, num_train, (size,), replace=size > num_train)
+  if settings.reference_at == "lookahead":
+    params = lookahead_params(state, grads, ids, labels, tx)
+  else:
+    params = state.params
+  other_labels = data.train_labels[other_ids]
+  loss_fn = make_loss_fn(model, state.batch_stats, data.train_images[other_ids], other_labels)
+  return small_loss_lib.small_loss_gradient(
+    loss_fn,
+    params,
+    other_labels,
+    fraction=settings.small_loss_fraction,
+    per_class=settings.small_loss_per_class,
+    eligible=~jnp.isin(other_ids, ids),
   )
 
 

@@ -85,6 +85,8 @@ def step_settings(config) -> steps.StepSettings:
     class_rates=config.ddlr.class_rates,
     reference_batch_size=config.ddlr.reference_batch_size,
     reference_every_steps=config.ddlr.reference_every_steps,
+    small_loss_fraction=config.ddlr.small_loss_fraction,
+    small_loss_per_class=config.ddlr.small_loss_per_class,
     preconditioner="adam" if config.optimizer.name == "adamw" else "identity",
     adam_b2=config.optimizer.b2,
     adam_eps=config.optimizer.eps,

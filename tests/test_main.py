@@ -42,7 +42,8 @@ def _error_lines(stderr: str) -> list[str]:
     (
       ["--config.ddlr.reference=oracle"],
       "error: config.ddlr.reference='oracle' is invalid; expected one of "
-      "['batch', 'lookahead', 'split', 'momentum', 'reference'].",
+      "['batch', 'lookahead', 'split', 'momentum', 'reference', 'small_loss', "
+      "'small_loss_split'].",
     ),
   ],
 )

@@ -112,7 +112,9 @@ def test_split_reference_scores_against_other_half():
   np.testing.assert_allclose(computed_step, expected_step, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("reference", ["batch", "split", "momentum", "reference"])
+@pytest.mark.parametrize(
+  "reference", ["batch", "split", "momentum", "reference", "small_loss", "small_loss_split"]
+)
 def test_train_step_compiles_once_and_stays_finite(reference):
   model, data, params = _setup()
   params = jax.tree.map(jnp.copy, params)  # the step donates its state
