@@ -10,6 +10,11 @@ Uniform baseline (plain SGD with momentum, same data and schedule):
   python -m ddlr.main --config=configs/default.py --workdir=runs/uniform \
     --config.ddlr.enabled=False
 
+A baseline, e.g. Data Parameters:
+
+  python -m ddlr.main --config=configs/default.py --workdir=runs/data_parameters \
+    --config.ddlr.enabled=False --config.baseline.name=data_parameters
+
 A CPU smoke run of a few seconds: `--config=configs/default.py:quick`.
 """
 
@@ -109,6 +114,39 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Dividing the batch's rates by their mean keeps the global step size.
   config.ddlr.normalize = True
 
+  # Baselines on the same data, model and schedule; any name but 'none' needs
+  # config.ddlr.enabled=False.
+  config.baseline = ml_collections.ConfigDict()
+  # none | hypergradient | data_parameters | learning_to_reweight | small_loss
+  config.baseline.name = "none"
+  # Reference-split batch size for learning_to_reweight.
+  config.baseline.reference_batch_size = 128
+  config.baseline.hypergradient = ml_collections.ConfigDict()
+  # Step of the learned global rate per unit of g_t . u_{t-1}; 1e-3 is the
+  # value Baydin et al. use for SGD and SGD with Nesterov momentum.
+  config.baseline.hypergradient.hyper_learning_rate = 1e-3
+  # True: the learned rate multiplies the schedule's shape eta_t / eta_0, so
+  # the run keeps the shared schedule; False: the learned rate alone.
+  config.baseline.hypergradient.follow_schedule = True
+  config.baseline.data_parameters = ml_collections.ConfigDict()
+  config.baseline.data_parameters.use_class = True
+  config.baseline.data_parameters.use_instance = True
+  config.baseline.data_parameters.init_log_temperature = 0.0  # temperature 1
+  config.baseline.data_parameters.class_learning_rate = 0.1
+  config.baseline.data_parameters.instance_learning_rate = 0.1
+  config.baseline.data_parameters.momentum = 0.9
+  config.baseline.data_parameters.class_weight_decay = 0.0
+  config.baseline.data_parameters.instance_weight_decay = 0.0
+  # Temperatures are kept in [1/20, 20].
+  config.baseline.data_parameters.log_temperature_min = -2.995732273553991
+  config.baseline.data_parameters.log_temperature_max = 2.995732273553991
+  config.baseline.small_loss = ml_collections.ConfigDict()
+  # tau: the final fraction of each batch left out. It is its own field, not
+  # read from config.data.noise.rate, because the true rate is unknown in practice.
+  config.baseline.small_loss.forget_rate = 0.4
+  # T_k: epochs over which the forget rate ramps linearly from 0 to tau.
+  config.baseline.small_loss.ramp_epochs = 10.0
+
   config.train = ml_collections.ConfigDict()
   config.train.num_epochs = 8
   config.train.batch_size = 128
@@ -137,6 +175,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.num_test = 512
     config.data.reference_size = 100
     config.ddlr.reference_batch_size = 64
+    config.baseline.reference_batch_size = 64
     config.model.width = 8
     config.train.num_epochs = 2
     config.train.batch_size = 64

@@ -22,7 +22,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddlr import optim, steps
+from ddlr import baselines, optim, steps
 
 CHECKPOINT_DIR = "checkpoints"
 # Config fields whose change keeps a run resumable; any other difference
@@ -95,7 +95,7 @@ def _remove_unfinished_writes(directory: str) -> None:
 
 def _to_saveable(state: steps.TrainState) -> dict:
   # Typed PRNG keys have no array dtype for the checkpoint, so their raw data is saved.
-  return {
+  saveable = {
     "step": state.step,
     "params": state.params,
     "batch_stats": state.batch_stats,
@@ -103,6 +103,10 @@ def _to_saveable(state: steps.TrainState) -> dict:
     "rng": jax.random.key_data(state.rng),
     "reference_direction": state.reference_direction,
   }
+  # Left out when None, so checkpoints of runs without a baseline keep their layout.
+  if state.baseline_state is not None:
+    saveable["baseline_state"] = state.baseline_state
+  return saveable
 
 
 def save(manager: ocp.CheckpointManager, state: steps.TrainState, loop: LoopRecord) -> int:
@@ -164,6 +168,7 @@ def restore_latest(
       "resume from the previous checkpoint."
     ) from error
   _check_table_length(restored["opt_state"], num_instances, step)
+  _check_baseline_table_length(restored.get("baseline_state"), num_instances, step)
   state = template.replace(
     step=restored["step"],
     params=restored["params"],
@@ -171,6 +176,7 @@ def restore_latest(
     opt_state=restored["opt_state"],
     rng=jax.random.wrap_key_data(restored["rng"]),
     reference_direction=restored["reference_direction"],
+    baseline_state=restored.get("baseline_state"),
   )
   logging.info("Restored checkpoint at step %d from %s.", step, manager.directory)
   return state, loop
@@ -217,6 +223,15 @@ def _check_table_length(opt_state, num_instances: int, step: int) -> None:
   if log_lr is not None and log_lr.shape[0] != num_instances:
     raise ResumeError(
       f"the checkpoint at step {step} has a per-instance table of {log_lr.shape[0]} rates, "
+      f"but the dataset has {num_instances} training instances; refusing to resume."
+    )
+
+
+def _check_baseline_table_length(baseline_state, num_instances: int, step: int) -> None:
+  length = baselines.table_length(baseline_state)
+  if length is not None and length != num_instances:
+    raise ResumeError(
+      f"the checkpoint at step {step} has a baseline table of {length} instances, "
       f"but the dataset has {num_instances} training instances; refusing to resume."
     )
 

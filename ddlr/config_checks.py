@@ -4,7 +4,7 @@ import math
 
 import ml_collections
 
-from ddlr import alignment, optim, steps
+from ddlr import alignment, baselines, optim, steps
 from ddlr.models import MODELS
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
@@ -115,6 +115,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f"config.ddlr.reference={config.ddlr.reference!r} needs config.train.batch_size >= 2."
       )
 
+  _validate_baseline(config)
+
   _require_range(config, "train.num_epochs", 1, integer=True)
   if config.optimizer.warmup_epochs > config.train.num_epochs:
     raise ConfigError(
@@ -183,3 +185,62 @@ def _check_step_schedule(config) -> None:
       f"config.optimizer.decay_epochs={tuple(epochs)} is invalid; expected strictly "
       "increasing epochs."
     )
+
+
+def _require_bool(config, path: str) -> None:
+  value = _get(config, path)
+  if not isinstance(value, bool):
+    raise ConfigError(f"config.{path}={value!r} is invalid; expected True or False.")
+
+
+def _validate_baseline(config) -> None:
+  """Checks `config.baseline`, every method's fields whichever method is selected."""
+  _require_choice(config, "baseline.name", baselines.NAMES)
+  name = config.baseline.name
+  if name != "none" and config.ddlr.enabled:
+    raise ConfigError(
+      f"config.baseline.name={name!r} needs config.ddlr.enabled=False; "
+      "a baseline replaces the per-instance rates."
+    )
+  _require_range(config, "baseline.reference_batch_size", 1, integer=True)
+
+  _require_range(config, "baseline.hypergradient.hyper_learning_rate", 0.0)
+  _require_bool(config, "baseline.hypergradient.follow_schedule")
+  if name == "hypergradient" and config.optimizer.learning_rate == 0.0:
+    raise ConfigError(
+      "config.optimizer.learning_rate=0.0 is invalid with config.baseline.name="
+      "'hypergradient': it is the initial learned rate and the schedule's scale; "
+      "expected a value > 0."
+    )
+
+  section = "baseline.data_parameters"
+  _require_bool(config, f"{section}.use_class")
+  _require_bool(config, f"{section}.use_instance")
+  params = config.baseline.data_parameters
+  if name == "data_parameters" and not (params.use_class or params.use_instance):
+    raise ConfigError(
+      f"config.{section}.use_class and use_instance are both False; "
+      "expected at least one to be True."
+    )
+  for field in ("init_log_temperature", "log_temperature_min", "log_temperature_max"):
+    _require_range(config, f"{section}.{field}", -math.inf)
+  if params.log_temperature_min > params.log_temperature_max:
+    raise ConfigError(
+      f"config.{section}.log_temperature_min={params.log_temperature_min} exceeds "
+      f"log_temperature_max={params.log_temperature_max}; expected min <= max."
+    )
+  for field in ("class_learning_rate", "instance_learning_rate"):
+    _require_range(config, f"{section}.{field}", 0.0)
+  _require_range(config, f"{section}.momentum", 0.0, 1.0)
+  if params.momentum == 1.0:
+    raise ConfigError(f"config.{section}.momentum=1.0 is invalid; expected a value in [0, 1).")
+  for field in ("class_weight_decay", "instance_weight_decay"):
+    _require_range(config, f"{section}.{field}", 0.0)
+
+  _require_range(config, "baseline.small_loss.forget_rate", 0.0, 1.0)
+  if config.baseline.small_loss.forget_rate == 1.0:
+    raise ConfigError(
+      "config.baseline.small_loss.forget_rate=1.0 is invalid; it would leave out every "
+      "example. Expected a value in [0, 1)."
+    )
+  _require_range(config, "baseline.small_loss.ramp_epochs", 0.0)

@@ -8,7 +8,8 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from ddlr import analysis
+from ddlr import analysis, baselines, optim
+from ddlr.baselines import hypergradient
 
 
 class MetricsLog:
@@ -113,3 +114,45 @@ def save_rates(path: str, log_lr, exponent, class_log_lr, data) -> None:
     is_target_domain=data.is_target_domain,
   )
   logging.info("Saved the per-instance rates to %s.", path)
+
+
+def baseline_report(name: str, state, data, workdir: str) -> dict[str, float]:
+  """Scores a baseline's per-instance table against the corruption mask and saves it.
+
+  Writes `baseline_scores.npz` (per instance id: `score`, higher for
+  instances the method treats as clean, with labels and the corruption mask)
+  for methods that keep a table. Returns `auroc` (probability that a clean
+  instance scores above a noisy one) and `noisy_precision_lowest_10pct`
+  (share of noisy instances among the 10% lowest scores) when the data has
+  both clean and noisy instances, the hypergradient baseline's final learned
+  rate, and Data Parameters' class temperatures; an empty dict for `none`.
+  """
+  report = {}
+  if name == "hypergradient":
+    learning_rate = optim.find_state_field(
+      state.opt_state, hypergradient.HypergradientState, "learning_rate"
+    )
+    report["hypergradient_learning_rate"] = float(learning_rate)
+  if name == "data_parameters":
+    for label, value in enumerate(np.exp(np.asarray(state.baseline_state.log_class_temperature))):
+      report[f"class_{label}_temperature"] = float(value)
+  scores = baselines.instance_scores(name, state.baseline_state)
+  if scores is None:
+    return report
+  if data.is_noisy.any() and not data.is_noisy.all():
+    report["auroc"] = analysis.auroc(scores, ~data.is_noisy)
+    report["noisy_precision_lowest_10pct"] = analysis.precision_of_lowest(
+      scores, data.is_noisy, 0.1
+    )
+  path = os.path.join(workdir, "baseline_scores.npz")
+  np.savez(
+    path,
+    ids=np.arange(len(data.labels)),
+    score=scores,
+    labels=data.labels,
+    true_labels=data.true_labels,
+    is_noisy=data.is_noisy,
+    source_index=data.source_index,
+  )
+  logging.info("Saved the per-instance %s scores to %s.", name, path)
+  return report

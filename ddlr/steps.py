@@ -17,8 +17,10 @@ import optax
 from flax import struct
 
 from ddlr import alignment as alignment_lib
-from ddlr import optim
+from ddlr import baselines, optim
 from ddlr import small_loss as small_loss_lib
+from ddlr.baselines import data_parameters, hypergradient, learning_to_reweight
+from ddlr.baselines import small_loss as small_loss_baseline
 
 # Which gradient the alignment is measured against:
 #   batch      the weighted gradient of the batch itself (biased: self term);
@@ -58,6 +60,8 @@ class TrainState(struct.PyTreeNode):
   # StepSettings.reference_every_steps > 1 (`initial_reference_direction`
   # gives its value before the first step); None otherwise.
   reference_direction: Any = None
+  # A baseline's per-instance tables (`ddlr.baselines`), None for ddlr and uniform.
+  baseline_state: Any = None
 
 
 class DeviceData(struct.PyTreeNode):
@@ -96,10 +100,15 @@ class StepSettings:
   preconditioner: str = "identity"
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
+  baseline: baselines.BaselineSettings = baselines.BaselineSettings()
 
 
-def make_loss_fn(model: nn.Module, batch_stats, images, labels):
-  """Returns `params -> (per-example losses [B], (logits, new batch_stats))`, training mode."""
+def make_loss_fn(model: nn.Module, batch_stats, images, labels, temperatures=None):
+  """Returns `params -> (per-example losses [B], (logits, new batch_stats))`, training mode.
+
+  With `temperatures` [B], example i's loss is taken on logits / temperatures[i]
+  (Data Parameters); the returned logits are the model's, unscaled.
+  """
 
   def loss_fn(params):
     variables = {"params": params}
@@ -111,7 +120,8 @@ def make_loss_fn(model: nn.Module, batch_stats, images, labels):
       logits = model.apply(variables, images, train=True)
       new_stats = batch_stats
     logits = logits.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    scaled = logits if temperatures is None else logits / temperatures[:, None]
+    losses = optax.softmax_cross_entropy_with_integer_labels(scaled, labels)
     return losses, (logits, new_stats)
 
   return loss_fn
@@ -143,15 +153,27 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
   else:
     rates = jnp.ones([batch_size], jnp.float32)
 
+  temperatures = None
+  if settings.baseline.name == "data_parameters":
+    temperatures = data_parameters.batch_temperatures(
+      state.baseline_state, ids, labels, settings.baseline.data_parameters
+    )
+
   reference_direction = state.reference_direction
+  baseline_state = state.baseline_state
   if settings.enabled and settings.reference == "split" and not state.batch_stats:
     losses, logits, grads, alignment = _split_by_halves(
       state, images, labels, rates, model=model, settings=settings
     )
     batch_stats = state.batch_stats
   else:
-    lin = _differentiate(make_loss_fn(model, state.batch_stats, images, labels), state, settings)
+    loss_fn = make_loss_fn(model, state.batch_stats, images, labels, temperatures)
+    lin = _differentiate(loss_fn, state, settings)
     losses, (logits, batch_stats) = lin.losses, lin.aux
+    if settings.baseline.name != "none":
+      rates, baseline_state = apply_baseline(
+        state, data, lin, ids, labels, rates, reference_rng, model=model, tx=tx, settings=settings
+      )
     grads = lin.vjp(rates / batch_size)
     if settings.enabled:
       alignment = compute_batch_alignment(
@@ -185,6 +207,7 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     opt_state=opt_state,
     rng=rng,
     reference_direction=reference_direction,
+    baseline_state=baseline_state,
   )
 
   metrics = {
@@ -198,7 +221,42 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     metrics["ddlr/alignment_mean"] = jnp.mean(alignment)
     metrics["ddlr/batch_rate_max"] = jnp.max(rates)
     metrics["ddlr/rates_finite"] = _batch_rates_finite(opt_state, ids, labels)
+  if settings.baseline.name == "hypergradient":
+    metrics["baseline/learning_rate"] = optim.find_state_field(
+      opt_state, hypergradient.HypergradientState, "learning_rate"
+    )
   return new_state, metrics
+
+
+def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, settings):
+  """Returns a baseline's rates [B] (weights times B) and its updated per-instance tables.
+
+  Learning to reweight scores the batch against a reference-split batch at
+  the current parameters, the alignment path's `reference`/`current` setting;
+  small loss keeps the batch's lowest losses; Data Parameters keeps uniform
+  rates and takes a step on its temperatures. Other methods return `rates`
+  and the state's tables unchanged.
+  """
+  batch_size = ids.shape[0]
+  name = settings.baseline.name
+  if name == "learning_to_reweight":
+    alignment, _ = compute_batch_alignment(
+      state, data, lin, None, ids, labels, rates, rng, model=model, tx=tx, settings=settings
+    )
+    weights = learning_to_reweight.weights_from_alignment(alignment)
+    return weights * batch_size, learning_to_reweight.update(state.baseline_state, weights, ids)
+  if name == "small_loss":
+    weights = small_loss_baseline.select_small_loss(
+      lin.losses, state.step, settings.baseline.small_loss
+    )
+    return weights * batch_size, small_loss_baseline.update(state.baseline_state, lin.losses, ids)
+  if name == "data_parameters":
+    logits = lin.aux[0]
+    new_tables = data_parameters.update(
+      state.baseline_state, logits, ids, labels, settings.baseline.data_parameters
+    )
+    return rates, new_tables
+  return rates, state.baseline_state
 
 
 def _differentiate(loss_fn, state, settings) -> alignment_lib.LinearizedLosses:

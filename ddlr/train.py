@@ -22,8 +22,9 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddlr import analysis, checkpoint, optim, personalisation, reporting, steps
+from ddlr import analysis, baselines, checkpoint, optim, personalisation, reporting, steps
 from ddlr import data as data_lib
+from ddlr.baselines import hypergradient
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
 from ddlr.schedules import learning_rate_schedule
@@ -34,8 +35,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def build_optimizer(config, *, num_instances, num_classes, learning_rate):
-  """Returns the base optimizer, wrapped by `optim.ddlr` when the config enables it."""
+  """Returns the base optimizer, wrapped by `optim.ddlr` when the config enables it.
+
+  The hypergradient baseline replaces the base optimizer by the same update
+  direction scaled by a learned learning rate.
+  """
   opt = config.optimizer
+  if config.baseline.name == "hypergradient":
+    return _hypergradient_optimizer(config, learning_rate)
   if opt.name == "adamw":
     base = optax.adamw(
       learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay
@@ -53,6 +60,33 @@ def build_optimizer(config, *, num_instances, num_classes, learning_rate):
     return _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate)
   except ValueError as error:
     raise ConfigError(f"invalid config.ddlr setting: {error}") from error
+
+
+def _hypergradient_optimizer(config, learning_rate):
+  """Returns the base optimizer's unit-rate direction scaled by a learned rate."""
+  opt = config.optimizer
+  if opt.name == "adamw":
+    direction = optax.chain(
+      optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
+      optax.add_decayed_weights(opt.weight_decay),
+      optax.scale(-1.0),
+    )
+  else:
+    momentum = {"sgd": None, "momentum": opt.momentum, "nesterov": opt.momentum}[opt.name]
+    direction = optax.chain(
+      optax.add_decayed_weights(opt.weight_decay),
+      optax.sgd(1.0, momentum=momentum, nesterov=opt.name == "nesterov"),
+    )
+  schedule = None
+  if config.baseline.hypergradient.follow_schedule:
+    # The learned rate multiplies the schedule's shape, eta_t / eta_0.
+    schedule = lambda count: learning_rate(count) / opt.learning_rate  # noqa: E731
+  return hypergradient.hypergradient_descent(
+    direction,
+    initial_learning_rate=opt.learning_rate,
+    hyper_learning_rate=config.baseline.hypergradient.hyper_learning_rate,
+    schedule=schedule,
+  )
 
 
 def _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate):
@@ -74,8 +108,23 @@ def _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate):
   )
 
 
-def step_settings(config) -> steps.StepSettings:
-  """Returns the static train-step settings of `config`."""
+def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
+  """Returns the static train-step settings of `config`.
+
+  `steps_per_epoch` is needed only by the small-loss baseline's schedule.
+  """
+  if config.baseline.name == "learning_to_reweight":
+    # Learning to reweight is the `reference` alignment at the current
+    # parameters with plain (unpreconditioned) gradients.
+    return steps.StepSettings(
+      enabled=False,
+      reference="reference",
+      reference_at="current",
+      alignment=config.ddlr.alignment,
+      reference_batch_size=config.baseline.reference_batch_size,
+      preconditioner="identity",
+      baseline=baselines.settings_from_config(config, steps_per_epoch),
+    )
   return steps.StepSettings(
     enabled=config.ddlr.enabled,
     reference=config.ddlr.reference,
@@ -90,16 +139,18 @@ def step_settings(config) -> steps.StepSettings:
     preconditioner="adam" if config.optimizer.name == "adamw" else "identity",
     adam_b2=config.optimizer.b2,
     adam_eps=config.optimizer.eps,
+    baseline=baselines.settings_from_config(config, steps_per_epoch),
   )
 
 
 def create_train_state(
-  model, tx, sample_images, rng, *, cache_reference: bool = False
+  model, tx, sample_images, rng, *, cache_reference: bool = False, baseline_state=None
 ) -> steps.TrainState:
   """Initialises parameters, BatchNorm statistics and optimizer state.
 
   With `cache_reference`, the state keeps a params-shaped reference gradient,
   zeros until the caller sets `steps.initial_reference_direction`.
+  `baseline_state` is stored as given.
   """
   init_rng, state_rng = jax.random.split(rng)
   variables = model.init(init_rng, sample_images, train=False)
@@ -111,6 +162,7 @@ def create_train_state(
     opt_state=tx.init(params),
     rng=state_rng,
     reference_direction=jax.tree.map(jnp.zeros_like, params) if cache_reference else None,
+    baseline_state=baseline_state,
   )
 
 
@@ -301,6 +353,11 @@ def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
       "config.ddlr.reference='reference' needs a reference split; "
       "set config.data.reference_size > 0."
     )
+  if config.baseline.name == "learning_to_reweight" and not len(data.reference_labels):
+    raise data_lib.DataError(
+      "config.baseline.name='learning_to_reweight' needs a reference split; "
+      "set config.data.reference_size > 0."
+    )
   return data
 
 
@@ -320,7 +377,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     config, num_instances=num_instances, num_classes=data.num_classes, learning_rate=learning_rate
   )
   rng = jax.random.key(config.seed)
-  settings = step_settings(config)
+  settings = step_settings(config, steps_per_epoch)
   device_data = steps.DeviceData(
     train_images=jnp.asarray(data.images),
     train_labels=jnp.asarray(data.labels),
@@ -328,8 +385,9 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     reference_labels=jnp.asarray(data.reference_labels),
   )
   state = create_train_state(
-    model, tx, data.images[:1], rng, cache_reference=steps.caches_reference(settings)
-  )
+    model, tx, data.images[:1], rng, cache_reference=steps.caches_reference(settings),
+    baseline_state=baselines.init_state(config, num_instances, data.num_classes),
+  )  # fmt: skip
   if steps.caches_reference(settings):
     initial_direction = jax.jit(
       functools.partial(steps.initial_reference_direction, model=model, settings=settings)
@@ -544,5 +602,6 @@ def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord, finetune
     analysis.plot_rate_histogram(
       exponent, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
     )
+  summary.update(reporting.baseline_report(run.config.baseline.name, state, run.data, run.workdir))
   reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
   return summary
