@@ -128,6 +128,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # True: the learned rate multiplies the schedule's shape eta_t / eta_0, so
   # the run keeps the shared schedule; False: the learned rate alone.
   config.baseline.hypergradient.follow_schedule = True
+  # NOTE: these defaults (temperature 1, SGD step 0.1 with momentum 0.9,
+  # bounds [1/20, 20]) follow our reading of Saxena et al. 2019 and were not
+  # checked against their released code.
   config.baseline.data_parameters = ml_collections.ConfigDict()
   config.baseline.data_parameters.use_class = True
   config.baseline.data_parameters.use_instance = True

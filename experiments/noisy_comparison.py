@@ -14,8 +14,8 @@ interrupted ones resume. Each setting's table is written to
 `workdir/results_<setting>.md`.
 
 Hyperparameters are the config defaults (see configs/default.py), except
-that small loss forgets the setting's true noise rate, as Co-teaching does
-when the rate is known.
+that small loss sets its forget rate tau to the setting's true noise rate,
+as Co-teaching does when the rate is known.
 """
 
 import sys
