@@ -240,7 +240,7 @@ def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, sett
   batch_size = ids.shape[0]
   name = settings.baseline.name
   if name == "learning_to_reweight":
-    alignment, _ = compute_batch_alignment(
+    alignment = compute_batch_alignment(
       state, data, lin, None, ids, labels, rates, rng, model=model, tx=tx, settings=settings
     )
     weights = learning_to_reweight.weights_from_alignment(alignment)
