@@ -91,8 +91,7 @@ def test_personalisation_rows_change_one_switch_each():
   rows = personalisation.sweep_rows(
     config, transform="invert", fraction=0.2, finetune_epochs=3, methods=personalisation.METHODS
   )
-  # No `baseline` section yet, so learning_to_reweight is skipped in both settings.
-  methods = ["uniform", "finetune", "target_only", "ddlr"]
+  methods = ["uniform", "finetune", "target_only", "learning_to_reweight", "ddlr"]
   assert [row.name for row in rows] == [f"classes_{m}" for m in methods] + [
     f"transform_{m}" for m in methods
   ]
@@ -106,6 +105,7 @@ def test_personalisation_rows_change_one_switch_each():
     expected = {
       "finetune": ("finetune", "epochs", 3),
       "ddlr": ("ddlr", "enabled", True),
+      "learning_to_reweight": ("baseline", "name", "learning_to_reweight"),
     }
     for method, (section, field, value) in expected.items():
       changed = by_name[f"{setting}_{method}"].to_dict()
