@@ -8,7 +8,8 @@ uses the same data, model, optimizer, schedule and seeds; only the method
 differs. Rows are grouped by whether the method reads the trusted clean
 reference split (ddlr with `reference`, learning to reweight) or uses no
 trusted data (uniform, hypergradient, Data Parameters, small loss, and ddlr
-with the reference given by `--untrusted_reference`). Runs go to
+with the reference given by `--untrusted_reference`, by default `small_loss`
+selected within each observed label). Runs go to
 `workdir/<setting>/<method>_seed<k>`; finished runs are reused and
 interrupted ones resume. Each setting's table is written to
 `workdir/results_<setting>.md`.
@@ -86,6 +87,8 @@ def method_rows(
     row_config.ddlr.enabled = ddlr_enabled
     row_config.ddlr.reference = reference
     row_config.baseline.name = baseline
+    # Selecting within each label keeps hard classes from losing their rates as a whole.
+    row_config.ddlr.small_loss_per_class = reference.startswith("small_loss")
     if baseline == "small_loss":
       row_config.baseline.small_loss.forget_rate = rate
     return row_config
@@ -150,9 +153,10 @@ def define_flags() -> None:
   )
   flags.DEFINE_enum(
     "untrusted_reference",
-    "split",
+    "small_loss",
     UNTRUSTED_REFERENCES,
-    "config.ddlr.reference of the ddlr row that uses no trusted data.",
+    "config.ddlr.reference of the ddlr row that uses no trusted data; the small-loss "
+    "references select within each observed label (config.ddlr.small_loss_per_class).",
   )
   flags.DEFINE_list(
     "settings", list(NOISE_SETTINGS), f"Noise settings to run, a subset of {list(NOISE_SETTINGS)}."

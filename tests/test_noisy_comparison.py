@@ -34,7 +34,7 @@ def test_rows_differ_from_uniform_only_in_method():
   assert uniform["data.noise.kind"] == "pairflip"
   assert uniform["data.noise.rate"] == 0.4
   method_fields = {"ddlr.enabled", "ddlr.reference", "baseline.name"}
-  method_fields.add("baseline.small_loss.forget_rate")
+  method_fields.update({"baseline.small_loss.forget_rate", "ddlr.small_loss_per_class"})
   for row in rows:
     validate_config(row.config)
     changed = {k for k, v in _flat(row.config).items() if uniform[k] != v}
@@ -42,6 +42,17 @@ def test_rows_differ_from_uniform_only_in_method():
   assert rows[0].config.ddlr.enabled and rows[0].config.ddlr.reference == "reference"
   assert rows[6].config.ddlr.enabled and rows[6].config.ddlr.reference == "momentum"
   assert rows[5].config.baseline.small_loss.forget_rate == 0.4
+  assert not rows[6].config.ddlr.small_loss_per_class
+
+
+def test_small_loss_untrusted_row_selects_per_class():
+  rows = noisy_comparison.method_rows(
+    noisy_comparison.base_config("smoke"), "symmetric", 0.6, "small_loss"
+  )
+  assert rows[6].name == "ddlr_small_loss"
+  assert rows[6].config.ddlr.reference == "small_loss"
+  assert rows[6].config.ddlr.small_loss_per_class
+  assert not rows[0].config.ddlr.small_loss_per_class
 
 
 def test_invalid_size_is_rejected():
