@@ -62,7 +62,7 @@ def _check_small_loss(config) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
 
-  Of the data section it checks the augmentation and the image size; the
+  Of the data section it checks the augmentation and the image size. The
   other data fields are validated where the data is loaded.
 
   Raises:
@@ -194,8 +194,8 @@ def _validate_augmentation(config) -> None:
   augmentation, name = config.data.augmentation, config.data.name
   if augmentation == "inception_crop" and name != imagenet.NAME:
     raise ConfigError(
-      f"config.data.augmentation='inception_crop' is invalid for config.data.name={name!r}; "
-      f"it runs only in the {imagenet.NAME} stream. Use 'crop_flip' or 'none'."
+      f"config.data.augmentation='inception_crop' is invalid for config.data.name={name!r} "
+      f"because it runs only in the {imagenet.NAME} stream. Use 'crop_flip' or 'none'."
     )
   if augmentation == "crop_flip" and name == imagenet.NAME:
     raise ConfigError(

@@ -34,7 +34,10 @@ def evaluate_batches(eval_fn, state, batches, batch_size) -> dict[str, float]:
     for key, value in jax.device_get(sums).items():
       totals[key] += float(value)
   if not totals["count"]:
-    raise data_lib.DataError("the evaluation split has no examples; evaluation needs at least one.")
+    raise data_lib.DataError(
+      "the evaluation split is empty, so no accuracy can be computed. Check the "
+      "dataset's test split and config.data.num_test."
+    )
   return {
     "accuracy": totals["correct"] / totals["count"],
     "loss": totals["loss"] / totals["count"],

@@ -1,7 +1,7 @@
 """Training and evaluation batches, from device memory or streamed from the host.
 
-The training loop asks an input for the extra arguments of each train step
-after `(state, device_data)` and for evaluation batches:
+The training loop takes from an input the extra arguments of each train step
+after `(state, device_data)`, and the evaluation batches:
 
 - `DeviceInputs` (every dataset but imagenet2012) holds the whole training
   split on the device; a step receives only the batch's ids and gathers the

@@ -453,6 +453,7 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
     {
       "eval/accuracy": test["accuracy"],
       "eval/loss": test["loss"],
+      "eval/examples": test["count"],
       "epoch": epoch,
       **{f"eval/{key}": value for key, value in target.items()},
     },

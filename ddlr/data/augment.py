@@ -22,7 +22,7 @@ def crop_flip(rng: jax.Array, images: jax.Array, padding: int = CROP_PADDING) ->
   Each image is padded with `padding` zeros on every side and cropped back to
   its own height and width at an offset drawn uniformly from
   `[0, 2 * padding]` in each direction, then mirrored left to right with
-  probability 1/2. The batch holds normalised images, so a zero pad is the
+  probability 1/2. The batch contains normalised images, so a zero pad is the
   dataset's mean colour, not black.
 
   Args:

@@ -14,8 +14,8 @@ as for the in-memory datasets.
 
 Each epoch's order is a tf.data shuffle seeded by the training seed and the
 epoch, and every example's crop and flip are drawn from a stateless seed of
-(training seed, epoch, id), so a resumed run skips the batches already done
-and sees the same stream as an uninterrupted one.
+(training seed, epoch, id). A resumed run skips the batches already done
+and then gets the same batches as an uninterrupted one.
 """
 
 import dataclasses
@@ -28,9 +28,9 @@ from ddlr.data import catalog
 from ddlr.data.errors import DataError
 
 NAME = "imagenet2012"
-# Size of the tf.data shuffle buffer of the training stream. tfds shuffles the
-# records when it prepares the dataset, so a buffer smaller than the split
-# suffices to vary the order between epochs.
+# Size of the tf.data shuffle buffer of the training stream. tfds writes the
+# records in a shuffled order when it prepares the dataset, so the buffer only
+# has to vary the order between epochs, not undo a sorted order.
 SHUFFLE_BUFFER = 16_384
 # Evaluation resizes the shorter side to image_size / EVAL_CROP_FRACTION, then
 # takes the central image_size square (224 from 256 at the default size).
@@ -79,11 +79,12 @@ def _records(builder, split: str, max_examples: int | None) -> tf.data.Dataset:
 def decode_for_training(encoded, seed, image_size: int, augmentation: str, spec) -> tf.Tensor:
   """Decodes one JPEG and augments it for training.
 
-  `inception_crop` takes a random crop of area fraction `CROP_AREA_RANGE` and
-  aspect ratio `CROP_ASPECT_RATIO_RANGE` of the image (the whole image after
-  `_CROP_ATTEMPTS` failed draws, as TF's sampler does), resizes it to
-  `image_size` squared and flips it horizontally with probability 1/2, from
-  the stateless `seed` [2]. `none` applies the evaluation transform.
+  `inception_crop` takes a random crop with an area fraction in
+  `CROP_AREA_RANGE` and an aspect ratio in `CROP_ASPECT_RATIO_RANGE`. After
+  `_CROP_ATTEMPTS` failed draws TF's sampler returns the whole image. The crop
+  is resized to `image_size` squared and flipped horizontally with
+  probability 1/2. All draws come from the stateless `seed` [2]. `none`
+  applies the evaluation transform instead.
 
   Returns:
     float32 `[image_size, image_size, 3]`, normalised per channel.
@@ -216,11 +217,13 @@ class ImageNetStream:
     shape = (0, self.image_size, self.image_size, 3)
     if len(positions) == 0:
       return np.zeros(shape, np.float32)
-    wanted = np.zeros(self.num_train_records, bool)
-    wanted[positions] = True
-    wanted_table = tf.constant(wanted)
+    # NOTE: this reads every train record once (without decoding the others);
+    # for the full ImageNet that is a pass over about 140 GB at start-up.
+    is_selected = np.zeros(self.num_train_records, bool)
+    is_selected[positions] = True
+    selected_table = tf.constant(is_selected)
     dataset = _records(self.builder, "train", self.num_train_records).enumerate()
-    dataset = dataset.filter(lambda position, _: tf.gather(wanted_table, position))
+    dataset = dataset.filter(lambda position, _: tf.gather(selected_table, position))
     dataset = dataset.map(
       lambda _, example: decode_for_evaluation(example["image"], self.image_size, self.spec),
       num_parallel_calls=tf.data.AUTOTUNE,

@@ -52,8 +52,8 @@ def load_split(
   spec = catalog.get_spec(name)
   if name == "imagenet2012":
     raise DataError(
-      "imagenet2012 does not fit in memory and is not loaded as arrays; "
-      "ddlr.data.load_dataset streams it instead"
+      "imagenet2012 does not fit in memory, so it is not loaded as arrays. "
+      "Use ddlr.data.load_dataset, which streams it"
     )
   _check_choice("split", split, SPLITS)
   _check_choice("source", source, SOURCES)
