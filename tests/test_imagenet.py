@@ -34,7 +34,7 @@ def loaded():
     labels = np.array([int(example["label"]) for example in records])
     validation = builder.as_dataset(split="validation", shuffle_files=False)
     validation_labels = np.array([int(example["label"]) for example in validation])
-    yield first, second, labels, validation_labels
+  return first, second, labels, validation_labels
 
 
 def _epoch(data, epoch, skip_batches=0, seed=0):
@@ -146,3 +146,23 @@ def test_inception_crop_is_seeded_and_normalised():
 def test_imagenet_rejects_idx_source():
   with pytest.raises(data_lib.DataError, match=r"source='idx' is invalid for imagenet2012"):
     data_lib.load_dataset(_config(source="idx"))
+
+
+def test_decode_positions_matches_records(loaded):
+  data, _, _, _ = loaded
+  spec = data_lib.get_spec("imagenet2012")
+  with tfds.testing.mock_data(num_examples=NUM_RECORDS):
+    decoded = data.stream.decode_positions(np.array([1, 4]))
+    records = tfds.builder("imagenet2012").as_dataset(
+      split="train", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
+    encoded = [example["image"] for example in records.take(5)]
+  assert decoded.shape == (2, IMAGE_SIZE, IMAGE_SIZE, 3)
+  for row, position in enumerate([1, 4]):
+    expected = imagenet.decode_for_evaluation(encoded[position], IMAGE_SIZE, spec).numpy()
+    np.testing.assert_allclose(decoded[row], expected, rtol=1e-6)
+
+
+def test_unprepared_imagenet_explains_fix(tmp_path):
+  with pytest.raises(data_lib.DataError, match=r"imagenet2012 is not prepared in .*tfds build"):
+    data_lib.load_dataset(_config(data_dir=str(tmp_path)))
