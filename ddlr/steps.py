@@ -64,8 +64,8 @@ class TrainState(struct.PyTreeNode):
 class DeviceData(struct.PyTreeNode):
   """Training and reference arrays held on the device; a batch gathers rows by id.
 
-  A streamed dataset keeps only its reference split here; its training arrays
-  are empty and each batch comes from the host.
+  A streamed dataset keeps only its reference split here. Its training arrays
+  are empty, and each batch comes from the host.
   """
 
   train_images: jax.Array  # [N, H, W, C] float32, N is 0 when the dataset streams
@@ -102,7 +102,7 @@ class StepSettings:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   # Augmentation of the training batch inside the step, one of
-  # augment.ON_DEVICE_AUGMENTATIONS; reference batches are never augmented.
+  # augment.ON_DEVICE_AUGMENTATIONS. Reference batches are never augmented.
   augmentation: str = "none"
 
 
