@@ -14,13 +14,6 @@ from typing import Any
 
 import ml_collections
 
-# The data loader does not yet accept config.data.augmentation ('none',
-# 'crop_flip', 'inception_crop') or config.data.image_size, so the configs
-# leave both out and train without augmentation. tests/test_configs.py fails
-# once the loader accepts the fields while this is still False.
-# TODO: set to True once ddlr.data.default_config() has an augmentation field.
-AUGMENTATION_AVAILABLE = False
-
 # Rates options of every config: the uniform baseline, per-instance rates,
 # per-class rates, or both tables together.
 RATES = ("uniform", "instance", "class", "instance+class")
@@ -128,13 +121,7 @@ def set_noise(config: ml_collections.ConfigDict, config_file: str, kind: str, ra
 
 
 def set_augmentation(config: ml_collections.ConfigDict, augmentation: str, image_size=None):
-  """Sets `config.data.augmentation` (and `image_size`) once the data loader has them.
-
-  While `AUGMENTATION_AVAILABLE` is False this sets nothing, so the run trains
-  on unaugmented images.
-  """
-  if not AUGMENTATION_AVAILABLE:
-    return
+  """Sets `config.data.augmentation`, and `config.data.image_size` unless it is None."""
   config.data.augmentation = augmentation
   if image_size is not None:
     config.data.image_size = image_size

@@ -57,6 +57,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.target.fraction = 0.0  # share of training and test images transformed
   config.data.target.sample_size = 0
   config.data.target.train_on = "all"  # all | target_sample (train on the target sample alone)
+  # none | crop_flip | inception_crop. crop_flip pads by 4, crops and flips on
+  # the device, for the in-memory datasets. inception_crop takes a random
+  # resized crop and flips in tf.data, for imagenet2012 only.
+  config.data.augmentation = "none"
+  # Side of the square images imagenet2012 is cropped to; other datasets keep their size.
+  config.data.image_size = 224
 
   config.model = ml_collections.ConfigDict()
   config.model.name = "small_cnn"

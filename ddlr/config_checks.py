@@ -5,6 +5,7 @@ import math
 import ml_collections
 
 from ddlr import alignment, baselines, optim, steps
+from ddlr.data import augment, imagenet
 from ddlr.models import MODELS
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
@@ -61,11 +62,13 @@ def _check_small_loss(config) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
 
-  The data section is validated where the data is loaded.
+  Of the data section it checks the augmentation and the image size. The
+  other data fields are validated where the data is loaded.
 
   Raises:
     ConfigError: naming the first invalid field, its value and what was expected.
   """
+  _validate_augmentation(config)
   _require_choice(config, "model.name", sorted(MODELS))
   if "width" in config.model:
     _require_range(config, "model.width", 1, integer=True)
@@ -244,3 +247,19 @@ def _validate_baseline(config) -> None:
       "example. Expected a value in [0, 1)."
     )
   _require_range(config, "baseline.small_loss.ramp_epochs", 0.0)
+
+
+def _validate_augmentation(config) -> None:
+  _require_choice(config, "data.augmentation", augment.AUGMENTATIONS)
+  _require_range(config, "data.image_size", 1, integer=True)
+  augmentation, name = config.data.augmentation, config.data.name
+  if augmentation == "inception_crop" and name != imagenet.NAME:
+    raise ConfigError(
+      f"config.data.augmentation='inception_crop' is invalid for config.data.name={name!r} "
+      f"because it runs only in the {imagenet.NAME} stream. Use 'crop_flip' or 'none'."
+    )
+  if augmentation == "crop_flip" and name == imagenet.NAME:
+    raise ConfigError(
+      f"config.data.augmentation='crop_flip' is invalid for {imagenet.NAME}, whose batches "
+      "stream from the host instead of device memory; use 'inception_crop' or 'none'."
+    )

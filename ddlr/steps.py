@@ -21,6 +21,7 @@ from ddlr import baselines, optim
 from ddlr import small_loss as small_loss_lib
 from ddlr.baselines import data_parameters, hypergradient, learning_to_reweight
 from ddlr.baselines import small_loss as small_loss_baseline
+from ddlr.data import augment
 
 # Which gradient the alignment is measured against:
 #   batch      the weighted gradient of the batch itself (biased: self term);
@@ -65,9 +66,13 @@ class TrainState(struct.PyTreeNode):
 
 
 class DeviceData(struct.PyTreeNode):
-  """Training and reference arrays held on the device; a batch gathers rows by id."""
+  """Training and reference arrays held on the device; a batch gathers rows by id.
 
-  train_images: jax.Array  # [N, H, W, C] float32
+  A streamed dataset keeps only its reference split here. Its training arrays
+  are empty, and each batch comes from the host.
+  """
+
+  train_images: jax.Array  # [N, H, W, C] float32, N is 0 when the dataset streams
   train_labels: jax.Array  # [N] int32, observed (possibly corrupted) labels
   reference_images: jax.Array  # [R, H, W, C] float32, R may be 0
   reference_labels: jax.Array  # [R] int32
@@ -101,6 +106,9 @@ class StepSettings:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   baseline: baselines.BaselineSettings = baselines.BaselineSettings()
+  # Augmentation of the training batch inside the step, one of
+  # augment.ON_DEVICE_AUGMENTATIONS. Reference batches are never augmented.
+  augmentation: str = "none"
 
 
 def make_loss_fn(model: nn.Module, batch_stats, images, labels, temperatures=None):
@@ -133,16 +141,35 @@ def mean_loss_gradient(model, batch_stats, params, images, labels):
   return jax.grad(lambda p: jnp.mean(loss_fn(p)[0]))(params)
 
 
-def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx, settings):
+def train_step(
+  state: TrainState, data: DeviceData, ids: jax.Array, batch=None, *, model, tx, settings
+):
   """Takes one training step on the instances `ids` [B].
+
+  Args:
+    state: the train state.
+    data: the arrays held on the device.
+    ids: instance ids of the batch, [B] int32.
+    batch: None to gather the batch from `data` by id, or the batch's
+      `(images [B, H, W, C], labels [B])` when the dataset streams from the host.
+    model: the Flax model.
+    tx: the optimizer.
+    settings: the `StepSettings`.
 
   Returns:
     The new `TrainState` and a dict of scalar metrics for this step.
   """
-  images = data.train_images[ids]
-  labels = data.train_labels[ids]
+  if batch is None:
+    images = data.train_images[ids]
+    labels = data.train_labels[ids]
+  else:
+    images, labels = batch
 
   rng, reference_rng = jax.random.split(state.rng)
+  if settings.augmentation != "none":
+    # Split off the carried key, so a resumed run draws the same crops.
+    rng, augment_rng = jax.random.split(rng)
+    images = augment.augment_batch(settings.augmentation, augment_rng, images)
 
   batch_size = ids.shape[0]
   if settings.enabled:
@@ -178,7 +205,7 @@ def train_step(state: TrainState, data: DeviceData, ids: jax.Array, *, model, tx
     if settings.enabled:
       alignment = compute_batch_alignment(
           state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
-          settings=settings,
+          settings=settings, images=images,
       )  # fmt: skip
 
   if settings.enabled:
@@ -317,9 +344,13 @@ def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:
 
 
 def compute_batch_alignment(
-  state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings
+  state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings, images=None
 ) -> jax.Array:
-  """Returns the alignment [B] of each example with the configured reference gradient."""
+  """Returns the alignment [B] of each example with the configured reference gradient.
+
+  `images` are the batch's (augmented) inputs, which `lookahead` differentiates
+  again; None gathers them from `data` by id.
+  """
   precondition = _preconditioner(state.opt_state, settings)
   batch_size = ids.shape[0]
 
@@ -349,7 +380,8 @@ def compute_batch_alignment(
     direction = optim.momentum_buffer(state.opt_state)
   elif settings.reference == "lookahead":
     params_after = lookahead_params(state, grads, ids, labels, tx)
-    images = data.train_images[ids]
+    if images is None:
+      images = data.train_images[ids]
     direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
   elif settings.reference == "small_loss":
     direction = small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings)

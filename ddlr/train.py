@@ -2,9 +2,10 @@
 
 Small datasets are held in device memory; each epoch is a permutation of the
 instance ids drawn from the seed and the epoch number, so the data order is
-reproducible and independent of the rates. The last partial batch of an epoch
-is dropped so that every step has the same shape; evaluation covers every test
-example.
+reproducible and independent of the rates. imagenet2012 streams through
+tf.data with an order drawn the same way (`ddlr.input_pipeline`). The last
+partial batch of an epoch is dropped so that every step has the same shape;
+evaluation covers every test example.
 """
 
 import dataclasses
@@ -22,10 +23,22 @@ import numpy as np
 import optax
 from absl import logging
 
-from ddlr import analysis, baselines, checkpoint, optim, personalisation, reporting, steps
+from ddlr import (
+  analysis,
+  baselines,
+  checkpoint,
+  input_pipeline,
+  optim,
+  personalisation,
+  reporting,
+  steps,
+)
 from ddlr import data as data_lib
 from ddlr.baselines import hypergradient
 from ddlr.config_checks import ConfigError, validate_config
+from ddlr.data import augment
+from ddlr.evaluation import evaluate, evaluate_batches  # noqa: F401 (evaluate is API)
+from ddlr.input_pipeline import epoch_batches  # noqa: F401 (part of this module's API)
 from ddlr.models import create_model
 from ddlr.schedules import learning_rate_schedule
 
@@ -113,6 +126,10 @@ def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
 
   `steps_per_epoch` is needed only by the small-loss baseline's schedule.
   """
+  # inception_crop runs in the tf.data stream, so the step itself adds none.
+  augmentation = config.data.augmentation
+  if augmentation not in augment.ON_DEVICE_AUGMENTATIONS:
+    augmentation = "none"
   if config.baseline.name == "learning_to_reweight":
     # Learning to reweight is the `reference` alignment at the current
     # parameters with plain (unpreconditioned) gradients.
@@ -124,6 +141,7 @@ def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
       reference_batch_size=config.baseline.reference_batch_size,
       preconditioner="identity",
       baseline=baselines.settings_from_config(config, steps_per_epoch),
+      augmentation=augmentation,
     )
   return steps.StepSettings(
     enabled=config.ddlr.enabled,
@@ -140,6 +158,7 @@ def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
     adam_b2=config.optimizer.b2,
     adam_eps=config.optimizer.eps,
     baseline=baselines.settings_from_config(config, steps_per_epoch),
+    augmentation=augmentation,
   )
 
 
@@ -164,26 +183,6 @@ def create_train_state(
     reference_direction=jax.tree.map(jnp.zeros_like, params) if cache_reference else None,
     baseline_state=baseline_state,
   )
-
-
-def evaluate(eval_fn, state, images, labels, batch_size) -> dict[str, float]:
-  """Returns accuracy and mean loss over every example of (images, labels)."""
-  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-  for start in range(0, len(labels), batch_size):
-    batch_images = images[start : start + batch_size]
-    batch_labels = labels[start : start + batch_size]
-    size = len(batch_labels)
-    # Padding the last batch keeps one compiled shape; the mask drops the padding.
-    padding = batch_size - size
-    mask = np.concatenate([np.ones(size, np.float32), np.zeros(padding, np.float32)])
-    batch_images = np.concatenate(
-      [batch_images, np.zeros((padding, *images.shape[1:]), images.dtype)]
-    )
-    batch_labels = np.concatenate([batch_labels, np.zeros(padding, labels.dtype)])
-    sums = eval_fn(state.params, state.batch_stats, batch_images, batch_labels, mask)
-    for key, value in jax.device_get(sums).items():
-      totals[key] += float(value)
-  return {"accuracy": totals["correct"] / totals["count"], "loss": totals["loss"] / totals["count"]}
 
 
 def _check_finite(step_metrics: list[dict], first_step: int, epoch: int) -> None:
@@ -233,13 +232,13 @@ class _Run:
   config: ml_collections.ConfigDict
   workdir: str
   data: data_lib.TrainingData
+  inputs: Any  # input_pipeline.DeviceInputs or StreamedInputs
   device_data: steps.DeviceData
   learning_rate: optax.Schedule
   train_fn: Any
   eval_fn: Any
   steps_per_epoch: int
   total_steps: int
-  order_rng: jax.Array
   num_params: int
 
 
@@ -378,14 +377,10 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
   )
   rng = jax.random.key(config.seed)
   settings = step_settings(config, steps_per_epoch)
-  device_data = steps.DeviceData(
-    train_images=jnp.asarray(data.images),
-    train_labels=jnp.asarray(data.labels),
-    reference_images=jnp.asarray(data.reference_images),
-    reference_labels=jnp.asarray(data.reference_labels),
-  )
+  inputs = input_pipeline.create_inputs(data, jax.random.fold_in(rng, 1), config.seed, batch_size)
+  device_data = inputs.device_data()
   state = create_train_state(
-    model, tx, data.images[:1], rng, cache_reference=steps.caches_reference(settings),
+    model, tx, inputs.sample_images(), rng, cache_reference=steps.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
   if steps.caches_reference(settings):
@@ -399,6 +394,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     config=config,
     workdir=workdir,
     data=data,
+    inputs=inputs,
     device_data=device_data,
     learning_rate=learning_rate,
     train_fn=jax.jit(
@@ -408,21 +404,9 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     eval_fn=jax.jit(functools.partial(steps.eval_step, model=model)),
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
-    order_rng=jax.random.fold_in(rng, 1),
     num_params=int(num_params),
   )
   return run, state
-
-
-def epoch_batches(order_rng, epoch: int, num_instances: int, batch_size: int) -> jax.Array:
-  """Returns the instance ids of every batch of `epoch`, [steps_per_epoch, batch_size].
-
-  The order depends only on the seed and the epoch, so a resumed run gets the
-  same batches as an uninterrupted one.
-  """
-  order = jax.random.permutation(jax.random.fold_in(order_rng, epoch), num_instances)
-  steps_per_epoch = num_instances // batch_size
-  return order[: steps_per_epoch * batch_size].reshape(steps_per_epoch, batch_size)
 
 
 def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any, bool]:
@@ -456,10 +440,11 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
   try:
     for epoch in range(first_epoch, config.train.num_epochs + 1):
       epoch_start, epoch_first_step = time.perf_counter(), int(state.step)
-      batches = epoch_batches(run.order_rng, epoch, len(run.data.labels), config.train.batch_size)
-      for index in range(int(state.step) - (epoch - 1) * run.steps_per_epoch, run.steps_per_epoch):
+      first_index = int(state.step) - (epoch - 1) * run.steps_per_epoch
+      inputs = run.inputs.train_inputs(epoch, first_index)
+      for index, step_inputs in zip(range(first_index, run.steps_per_epoch), inputs, strict=True):
         step = (epoch - 1) * run.steps_per_epoch + index + 1  # steps done after this one
-        state, step_metrics = run.train_fn(state, run.device_data, batches[index])
+        state, step_metrics = run.train_fn(state, run.device_data, *step_inputs)
         pending.append(step_metrics)
         epoch_end = index == run.steps_per_epoch - 1
         # At an epoch end the checkpoint follows the evaluation, so that a
@@ -517,9 +502,8 @@ def _report_steps(run, state, pending, step, epoch, metrics_log, progress) -> fl
 
 
 def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
-  test = evaluate(
-    run.eval_fn, state, run.data.test_images, run.data.test_labels, run.config.eval.batch_size
-  )
+  batch_size = run.config.eval.batch_size
+  test = evaluate_batches(run.eval_fn, state, run.inputs.eval_batches(batch_size), batch_size)
   loop.test_accuracy.append(test["accuracy"])
   loop.test_loss.append(test["loss"])
   batch_size = run.config.eval.batch_size
@@ -538,6 +522,7 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
     {
       "eval/accuracy": test["accuracy"],
       "eval/loss": test["loss"],
+      "eval/examples": test["count"],
       "epoch": epoch,
       **{f"eval/{key}": value for key, value in target.items()},
     },

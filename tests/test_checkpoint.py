@@ -31,6 +31,7 @@ def _config(**overrides):
   config.ddlr.reference_batch_size = 8
   config.ddlr.hyper_momentum = 0.5  # so the momentum table is checkpointed too
   config.ddlr.reference_every_steps = 2  # so is the cached reference gradient
+  config.data.augmentation = "crop_flip"  # the crops must continue from the carried key
   config.train.num_epochs = 2
   config.train.batch_size = 16  # 5 steps per epoch
   config.train.log_every_steps = 1

@@ -60,9 +60,8 @@ def test_config_builds_and_validates(module, arg):
   assert model.num_classes == NUM_CLASSES[config.data.name]
   assert config.data.reference_size % NUM_CLASSES[config.data.name] == 0
   assert config.data.num_train == 0 or config.data.num_train > config.data.reference_size
-  if module is not imagenet:
-    # The data section has exactly the fields the loader accepts.
-    assert set(config.data.keys()) == set(data_lib.default_config().keys())
+  # The data section has exactly the fields the loader accepts.
+  assert set(config.data.keys()) == set(data_lib.default_config().keys())
 
 
 def test_cifar_full_size_matches_the_recipe():
@@ -129,13 +128,11 @@ def test_invalid_argument_raises(module, arg, message):
     module.get_config(arg)
 
 
-def test_augmentation_switch_matches_data_loader():
-  # Fails when the data loader gains the augmentation fields while the
-  # configs still leave them out, so that the switch is not forgotten.
-  loader_has_fields = "augmentation" in data_lib.default_config()
-  assert common.AUGMENTATION_AVAILABLE == loader_has_fields
-  config = cifar.get_config("small")
-  assert ("augmentation" in config.data) == common.AUGMENTATION_AVAILABLE
+def test_configs_set_standard_augmentation():
+  assert cifar.get_config("small").data.augmentation == "crop_flip"
+  assert imagenet.get_config("small").data.augmentation == "inception_crop"
+  assert imagenet.get_config("").data.image_size == 224
+  assert fashion_mnist.get_config("").data.augmentation == "none"
 
 
 def test_step_schedule_values():

@@ -378,7 +378,8 @@ def test_cifar_missing_folder_named(tmp_path):
 
 def test_load_split_rejects_unknown_name():
   with pytest.raises(
-    data_lib.DataError, match="'imagenet'. Expected one of mnist, fashion_mnist, cifar10, cifar100"
+    data_lib.DataError,
+    match="'imagenet'. Expected one of mnist, fashion_mnist, cifar10, cifar100, imagenet2012",
   ):
     data_lib.load_split("imagenet", "train", source="tfds", data_dir=None, manual_dir=None)
 

@@ -33,7 +33,7 @@ def _error_lines(stderr: str) -> list[str]:
     (
       ["--config.data.name=imagenet21k"],
       "error: unknown dataset name 'imagenet21k'. Expected one of mnist, fashion_mnist, "
-      "cifar10, cifar100",
+      "cifar10, cifar100, imagenet2012",
     ),
     (
       ["--config.data.source=idx", "--config.data.manual_dir=/nonexistent/fashion"],

@@ -42,6 +42,15 @@ _SPECS = {
     (0.5071, 0.4865, 0.4409),
     (0.2673, 0.2564, 0.2762),
   ),
+  # ImageNet images vary in size; the stream resizes them to config.data.image_size,
+  # whose default is the shape given here. Statistics: the widely published values.
+  "imagenet2012": DatasetSpec(
+    "imagenet2012",
+    1000,
+    (224, 224, 3),
+    (0.485, 0.456, 0.406),
+    (0.229, 0.224, 0.225),
+  ),
 }
 
 SUPPORTED_DATASETS = tuple(_SPECS)

@@ -1,11 +1,13 @@
 """Build the training, reference and test arrays that a ddlr run uses."""
 
 import dataclasses
+from typing import Any
 
 import ml_collections
 import numpy as np
+import tensorflow_datasets as tfds
 
-from ddlr.data import catalog, checks, sources, targets
+from ddlr.data import augment, catalog, checks, imagenet, sources, targets
 from ddlr.data.errors import DataError
 from ddlr.data.noise import NOISE_KINDS, corrupt_labels
 from ddlr.data.splits import hold_out_reference
@@ -18,11 +20,12 @@ class TrainingData:
   Row k of the training arrays is the example with instance id k, for k in
   `[0, N)`. `source_index[k]` is its position in the tfds train split.
   Images are float32 NHWC, normalized with the dataset's per-channel mean
-  and std.
+  and std. A streamed dataset (imagenet2012) has `images` and `test_images`
+  None and its training and test batches come from `stream`.
   """
 
   name: str
-  images: np.ndarray
+  images: np.ndarray | None
   labels: np.ndarray  # observed labels, possibly noisy (int32)
   true_labels: np.ndarray
   is_noisy: np.ndarray  # bool, labels != true_labels
@@ -30,7 +33,7 @@ class TrainingData:
   reference_images: np.ndarray
   reference_labels: np.ndarray
   reference_source_index: np.ndarray
-  test_images: np.ndarray
+  test_images: np.ndarray | None
   test_labels: np.ndarray
   num_classes: int
   class_names: tuple[str, ...]
@@ -43,6 +46,8 @@ class TrainingData:
   target_kind: str = "none"
   is_target_domain: np.ndarray | None = None  # bool [N]
   test_is_target: np.ndarray | None = None  # bool [T]
+  # The imagenet.ImageNetStream of a streamed dataset, None when held in memory.
+  stream: Any = None
 
   def __post_init__(self):
     for field, length in (
@@ -68,7 +73,9 @@ class TrainingData:
       "test": ("test_images", "test_labels", "test_is_target"),
     }
     for group, fields in groups.items():
-      lengths = {field: len(getattr(self, field)) for field in fields}
+      lengths = {
+        field: len(getattr(self, field)) for field in fields if getattr(self, field) is not None
+      }
       if len(set(lengths.values())) > 1:
         raise DataError(f"{group} arrays differ in length: {lengths}")
 
@@ -97,6 +104,11 @@ def default_config() -> ml_collections.ConfigDict:
     seed: seed of the reference hold-out, the label noise and the target.
     target: the target distribution of personalisation, with the fields
       of `targets.default_config()`.
+    augmentation: training augmentation, one of `augment.AUGMENTATIONS`;
+      `crop_flip` runs in the train step, `inception_crop` in the
+      imagenet2012 stream.
+    image_size: side of the square images that imagenet2012 is resized and
+      cropped to; the other datasets keep their own size.
   """
   config = ml_collections.ConfigDict()
   config.name = "fashion_mnist"
@@ -111,6 +123,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.noise.rate = 0.0
   config.seed = 0
   config.target = targets.default_config()
+  config.augmentation = "none"
+  config.image_size = 224
   return config
 
 
@@ -153,6 +167,8 @@ def load_dataset(config) -> TrainingData:
   noise_kind, noise_rate = config["noise"]["kind"], float(config["noise"]["rate"])
   target = config["target"]
 
+  if name == imagenet.NAME:
+    return _load_imagenet(config, spec)
   load = dict(
     source=config["source"],
     data_dir=config["data_dir"],
@@ -166,26 +182,13 @@ def load_dataset(config) -> TrainingData:
   )
   _check_loaded_count("num_train", num_train, len(train_labels), name, "train")
   _check_loaded_count("num_test", num_test, len(test_labels), name, "test")
-  if reference_size >= len(train_labels):
-    raise DataError(
-      f"reference_size={reference_size} must be less than the "
-      f"{len(train_labels)} training examples it is held out of"
-    )
-
-  train_index, reference_index = hold_out_reference(
-    train_labels, reference_size, seed, num_classes=spec.num_classes
+  train_index, reference_index, observed, is_noisy = _split_and_corrupt(
+    train_labels, spec, reference_size, seed, noise_kind, noise_rate
   )
   if target["kind"] != "none":
     sample = targets.sample_target(train_labels[reference_index], target, seed)
     reference_index = reference_index[sample]
   true_labels = train_labels[train_index]
-  observed, is_noisy = corrupt_labels(
-    true_labels,
-    kind=noise_kind,
-    rate=noise_rate,
-    num_classes=spec.num_classes,
-    seed=seed,
-  )
   is_target_domain, test_is_target = targets.domain_masks(true_labels, test_labels, target, seed)
   images, reference_images, test_images = _transform_target_domain(
     train_images[train_index],
@@ -259,6 +262,96 @@ def _target_sample_as_training(reference: dict) -> dict:
   )
 
 
+def _split_and_corrupt(train_labels, spec, reference_size, seed, noise_kind, noise_rate):
+  """Holds out the reference split and corrupts the remaining labels.
+
+  Returns:
+    `(train_index, reference_index, observed labels, is_noisy)`.
+  """
+  if reference_size >= len(train_labels):
+    raise DataError(
+      f"reference_size={reference_size} must be less than the "
+      f"{len(train_labels)} training examples it is held out of"
+    )
+  train_index, reference_index = hold_out_reference(
+    train_labels, reference_size, seed, num_classes=spec.num_classes
+  )
+  observed, is_noisy = corrupt_labels(
+    train_labels[train_index],
+    kind=noise_kind,
+    rate=noise_rate,
+    num_classes=spec.num_classes,
+    seed=seed,
+  )
+  return train_index, reference_index, observed, is_noisy
+
+
+def _load_imagenet(config, spec: catalog.DatasetSpec) -> TrainingData:
+  """Reads imagenet2012's labels, draws the split and noise, and decodes the reference images.
+
+  The training and validation images stay on disk; `TrainingData.stream`
+  reads them batch by batch.
+  """
+  if config["source"] != "tfds":
+    raise DataError(
+      f"source={config['source']!r} is invalid for imagenet2012, which is read only "
+      "through tfds; set source='tfds'"
+    )
+  if config["target"]["kind"] != "none":
+    raise DataError(
+      f"target.kind={config['target']['kind']!r} is not supported for imagenet2012, whose "
+      "images stream from disk; set target.kind='none'"
+    )
+  image_size = config["image_size"]
+  if not checks.is_integer(image_size) or image_size < 1:
+    raise DataError(f"image_size must be a positive integer, got {image_size!r}")
+  sources.check_directory("data_dir", config["data_dir"])
+  num_train, num_test = int(config["num_train"]), int(config["num_test"])
+  builder = tfds.builder(imagenet.NAME, data_dir=config["data_dir"])
+  train_labels = imagenet.read_labels(builder, "train", num_train or None)
+  test_labels = imagenet.read_labels(builder, "validation", num_test or None)
+  _check_loaded_count("num_train", num_train, len(train_labels), spec.name, "train")
+  _check_loaded_count("num_test", num_test, len(test_labels), spec.name, "validation")
+
+  train_index, reference_index, observed, is_noisy = _split_and_corrupt(
+    train_labels,
+    spec,
+    int(config["reference_size"]),
+    int(config["seed"]),
+    config["noise"]["kind"],
+    float(config["noise"]["rate"]),
+  )
+  instance_of_position = np.full(len(train_labels), -1, np.int32)
+  instance_of_position[train_index] = np.arange(len(train_index), dtype=np.int32)
+  stream = imagenet.ImageNetStream(
+    builder=builder,
+    image_size=int(image_size),
+    augmentation=config["augmentation"],
+    instance_of_position=instance_of_position,
+    labels=observed,
+    num_train_records=len(train_labels),
+    num_test=len(test_labels),
+  )
+  return TrainingData(
+    name=spec.name,
+    images=None,
+    labels=observed,
+    true_labels=train_labels[train_index],
+    is_noisy=is_noisy,
+    source_index=train_index,
+    reference_images=stream.decode_positions(reference_index),
+    reference_labels=train_labels[reference_index],
+    reference_source_index=reference_index,
+    test_images=None,
+    test_labels=test_labels,
+    num_classes=spec.num_classes,
+    class_names=tuple(builder.info.features["label"].names),
+    noise_kind=config["noise"]["kind"],
+    noise_rate=float(is_noisy.mean()),
+    stream=stream,
+  )
+
+
 def normalize_images(images: np.ndarray, spec: catalog.DatasetSpec) -> np.ndarray:
   """Scale uint8 images to [0, 1], then standardize each channel.
 
@@ -292,6 +385,11 @@ def _check_config(config) -> None:
   if config["source"] not in sources.SOURCES:
     raise DataError(
       f"invalid source {config['source']!r}. Expected one of {', '.join(sources.SOURCES)}"
+    )
+  if config["augmentation"] not in augment.AUGMENTATIONS:
+    raise DataError(
+      f"unknown augmentation {config['augmentation']!r}. Expected one of "
+      f"{', '.join(augment.AUGMENTATIONS)}"
     )
   for field in ("data_dir", "manual_dir"):
     if config[field] is not None and not isinstance(config[field], str):

@@ -50,9 +50,14 @@ def load_split(
     label order.
   """
   spec = catalog.get_spec(name)
+  if name == "imagenet2012":
+    raise DataError(
+      "imagenet2012 does not fit in memory, so it is not loaded as arrays. "
+      "Use ddlr.data.load_dataset, which streams it"
+    )
   _check_choice("split", split, SPLITS)
   _check_choice("source", source, SOURCES)
-  _check_directory("data_dir", data_dir)
+  check_directory("data_dir", data_dir)
   if max_examples is not None:
     checks.check_count("max_examples", max_examples)
 
@@ -76,7 +81,8 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
     raise DataError(f"invalid {field} {value!r}. Expected one of {', '.join(choices)}")
 
 
-def _check_directory(field: str, path: str | None) -> None:
+def check_directory(field: str, path: str | None) -> None:
+  """Raises DataError if `path` is given and is not a directory."""
   if path is not None and not os.path.isdir(path):
     raise DataError(f"{field} directory not found: {path}")
 
@@ -91,7 +97,7 @@ def _load_tfds_split(
   builder = tfds.builder(name, data_dir=data_dir)
   if name == "fashion_mnist" and manual_dir is not None and not builder.is_prepared():
     # manual_dir is only read, and so only checked, when the dataset needs preparing.
-    _check_directory("manual_dir", manual_dir)
+    check_directory("manual_dir", manual_dir)
     fashion_offline.prepare_fashion_mnist(data_dir, manual_dir)
     builder = tfds.builder(name, data_dir=data_dir)
 
@@ -152,7 +158,7 @@ def _load_raw_split(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   if manual_dir is None:
     raise DataError(f"source='idx' needs manual_dir, the directory with the raw {name} files")
-  _check_directory("manual_dir", manual_dir)
+  check_directory("manual_dir", manual_dir)
   if name == "mnist" and fashion_offline.holds_fashion_mnist(manual_dir):
     raise DataError(
       f"manual_dir {manual_dir} contains the Fashion-MNIST files, not mnist; set "
