@@ -263,3 +263,9 @@ def _validate_augmentation(config) -> None:
       f"config.data.augmentation='crop_flip' is invalid for {imagenet.NAME}, whose batches "
       "stream from the host instead of device memory; use 'inception_crop' or 'none'."
     )
+  if name == imagenet.NAME and config.ddlr.enabled and config.ddlr.reference == "small_loss":
+    raise ConfigError(
+      f"config.ddlr.reference='small_loss' is invalid for {imagenet.NAME}: it draws a second "
+      "training batch from device memory, but this dataset streams from the host. Use "
+      "'small_loss_split' or another reference."
+    )

@@ -128,6 +128,13 @@ def test_invalid_argument_raises(module, arg, message):
     module.get_config(arg)
 
 
+def test_streamed_imagenet_rejects_small_loss_reference():
+  config = imagenet.get_config("small")
+  config.ddlr.reference = "small_loss"
+  with pytest.raises(ConfigError, match="reference='small_loss' is invalid for imagenet2012"):
+    validate_config(config)
+
+
 def test_configs_set_standard_augmentation():
   assert cifar.get_config("small").data.augmentation == "crop_flip"
   assert imagenet.get_config("small").data.augmentation == "inception_crop"
