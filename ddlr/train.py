@@ -24,7 +24,6 @@ import optax
 from absl import logging
 
 from ddlr import (
-  analysis,
   baselines,
   checkpoint,
   input_pipeline,
@@ -34,91 +33,18 @@ from ddlr import (
   steps,
 )
 from ddlr import data as data_lib
-from ddlr.baselines import hypergradient
+from ddlr import summary as summary_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.data import augment
 from ddlr.evaluation import evaluate, evaluate_batches  # noqa: F401 (evaluate is API)
 from ddlr.input_pipeline import epoch_batches  # noqa: F401 (part of this module's API)
 from ddlr.models import create_model
+from ddlr.optimizers import build_optimizer  # noqa: F401 (part of this module's API)
 from ddlr.schedules import learning_rate_schedule
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss or gradient became NaN or infinite."""
-
-
-def build_optimizer(config, *, num_instances, num_classes, learning_rate):
-  """Returns the base optimizer, wrapped by `optim.ddlr` when the config enables it.
-
-  The hypergradient baseline replaces the base optimizer by the same update
-  direction scaled by a learned learning rate.
-  """
-  opt = config.optimizer
-  if config.baseline.name == "hypergradient":
-    return _hypergradient_optimizer(config, learning_rate)
-  if opt.name == "adamw":
-    base = optax.adamw(
-      learning_rate, b1=opt.b1, b2=opt.b2, eps=opt.eps, weight_decay=opt.weight_decay
-    )
-  else:
-    momentum = {"sgd": None, "momentum": opt.momentum, "nesterov": opt.momentum}[opt.name]
-    base = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay),
-      optax.sgd(learning_rate, momentum=momentum, nesterov=opt.name == "nesterov"),
-    )
-  if not config.ddlr.enabled:
-    return base
-  settings = config.ddlr
-  try:
-    return _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate)
-  except ValueError as error:
-    raise ConfigError(f"invalid config.ddlr setting: {error}") from error
-
-
-def _hypergradient_optimizer(config, learning_rate):
-  """Returns the base optimizer's unit-rate direction scaled by a learned rate."""
-  opt = config.optimizer
-  if opt.name == "adamw":
-    direction = optax.chain(
-      optax.scale_by_adam(b1=opt.b1, b2=opt.b2, eps=opt.eps),
-      optax.add_decayed_weights(opt.weight_decay),
-      optax.scale(-1.0),
-    )
-  else:
-    momentum = {"sgd": None, "momentum": opt.momentum, "nesterov": opt.momentum}[opt.name]
-    direction = optax.chain(
-      optax.add_decayed_weights(opt.weight_decay),
-      optax.sgd(1.0, momentum=momentum, nesterov=opt.name == "nesterov"),
-    )
-  schedule = None
-  if config.baseline.hypergradient.follow_schedule:
-    # The learned rate multiplies the schedule's shape, eta_t / eta_0.
-    schedule = lambda count: learning_rate(count) / opt.learning_rate  # noqa: E731
-  return hypergradient.hypergradient_descent(
-    direction,
-    initial_learning_rate=opt.learning_rate,
-    hyper_learning_rate=config.baseline.hypergradient.hyper_learning_rate,
-    schedule=schedule,
-  )
-
-
-def _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate):
-  return optim.ddlr(
-    base,
-    num_instances=num_instances,
-    learning_rate=learning_rate,
-    hyper_learning_rate=settings.hyper_learning_rate,
-    hyper_momentum=settings.hyper_momentum,
-    class_hyper_learning_rate=settings.class_hyper_learning_rate,
-    instance_rates=settings.instance_rates,
-    num_classes=num_classes if settings.class_rates else None,
-    init_log_lr=settings.init_log_lr,
-    log_lr_decay=settings.log_lr_decay,
-    log_lr_min=settings.log_lr_min,
-    log_lr_max=settings.log_lr_max,
-    normalize=settings.normalize,
-    hypergradient_scale=settings.hypergradient_scale,
-  )
 
 
 def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
@@ -297,7 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not completed:
     return {"completed": False, "step": int(state.step)}
   finetuned = _finetune(run, state) if config.finetune.epochs else {}
-  return _write_final_outputs(run, state, loop, finetuned)
+  return summary_lib.write_final_outputs(run, state, loop, finetuned)
 
 
 def _finetune(run: _Run, state) -> dict:
@@ -506,7 +432,6 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
   test = evaluate_batches(run.eval_fn, state, run.inputs.eval_batches(batch_size), batch_size)
   loop.test_accuracy.append(test["accuracy"])
   loop.test_loss.append(test["loss"])
-  batch_size = run.config.eval.batch_size
   target = personalisation.evaluate_target_and_rest(
     lambda images, labels: evaluate(run.eval_fn, state, images, labels, batch_size), run.data
   )
@@ -531,62 +456,3 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
     "Evaluated epoch %d: test accuracy %.4f, test loss %.4f (best so far %.4f).",
     epoch, test["accuracy"], test["loss"], max(loop.test_accuracy),
   )  # fmt: skip
-
-
-def _write_final_outputs(run: _Run, state, loop: checkpoint.LoopRecord, finetuned: dict) -> dict:
-  """Writes rates.npz, the rate histogram and summary.json; returns the summary.
-
-  `final_*` accuracies score the returned model: after fine-tuning when
-  `finetuned` has its history, else after the last epoch.
-  """
-  history = loop.test_accuracy
-  seconds_per_step = float(np.median(loop.seconds_per_step)) if loop.seconds_per_step else None
-  summary = {
-    "completed": True,
-    "last_epoch_test_accuracy": history[-1],
-    "best_epoch_test_accuracy": max(history),
-    "best_epoch": int(np.argmax(history)) + 1,
-    "test_accuracy_per_epoch": history,
-    "last_epoch_test_loss": loop.test_loss[-1],
-    "final_train_loss": loop.last_train_loss,
-    # The first epoch includes compilation, so the median is the steady rate.
-    "seconds_per_step": seconds_per_step,
-    "examples_per_second": run.config.train.batch_size / seconds_per_step
-    if seconds_per_step
-    else None,
-    "num_params": run.num_params,
-    "realised_noise_rate": float(run.data.noise_rate),
-    **personalisation.history_summary(loop.target_test_accuracy, loop.rest_test_accuracy),
-    **finetuned,
-  }
-  for key in ("test_accuracy", "target_test_accuracy", "rest_test_accuracy"):
-    per_epoch = finetuned.get(f"finetune_{key}_per_epoch") or summary.get(f"{key}_per_epoch")
-    if per_epoch:
-      summary[f"final_{key}"] = per_epoch[-1]
-  if run.config.ddlr.enabled:
-    ddlr_state = optim.find_ddlr_state(state.opt_state)
-    if ddlr_state.log_lr is None:  # class rates only, so every instance has multiplier 1
-      log_lr = np.zeros(len(run.data.labels), np.float32)
-    else:
-      log_lr = np.asarray(ddlr_state.log_lr)
-    class_log_lr = None if ddlr_state.class_log_lr is None else np.asarray(ddlr_state.class_log_lr)
-    # Each instance's multiplier before batch normalisation is exp(a_i + b_{y_i}).
-    exponent = log_lr if class_log_lr is None else log_lr + class_log_lr[run.data.labels]
-    summary.update(
-      reporting.rate_report(
-        exponent, class_log_lr, run.data, score_noise=ddlr_state.log_lr is not None
-      )
-    )
-    if ddlr_state.log_lr is not None:
-      summary.update(personalisation.domain_auroc(exponent, run.data))
-    reporting.save_rates(
-      os.path.join(run.workdir, "rates.npz"), log_lr, exponent, class_log_lr, run.data
-    )
-    config = run.config
-    title = f"{config.data.name}, {config.data.noise.kind} noise {config.data.noise.rate:g}"
-    analysis.plot_rate_histogram(
-      exponent, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
-    )
-  summary.update(reporting.baseline_report(run.config.baseline.name, state, run.data, run.workdir))
-  reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
-  return summary

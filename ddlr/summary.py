@@ -1,0 +1,66 @@
+"""The outputs written when a run finishes: summary.json, rates.npz and the rate histogram."""
+
+import os
+
+import numpy as np
+
+from ddlr import analysis, checkpoint, optim, personalisation, reporting
+
+
+def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict) -> dict:
+  """Writes rates.npz, the rate histogram and summary.json of a finished run; returns the summary.
+
+  `final_*` accuracies score the returned model: after fine-tuning when
+  `finetuned` has its history, else after the last epoch.
+  """
+  history = loop.test_accuracy
+  seconds_per_step = float(np.median(loop.seconds_per_step)) if loop.seconds_per_step else None
+  summary = {
+    "completed": True,
+    "last_epoch_test_accuracy": history[-1],
+    "best_epoch_test_accuracy": max(history),
+    "best_epoch": int(np.argmax(history)) + 1,
+    "test_accuracy_per_epoch": history,
+    "last_epoch_test_loss": loop.test_loss[-1],
+    "final_train_loss": loop.last_train_loss,
+    # The first epoch includes compilation, so the median is the steady rate.
+    "seconds_per_step": seconds_per_step,
+    "examples_per_second": run.config.train.batch_size / seconds_per_step
+    if seconds_per_step
+    else None,
+    "num_params": run.num_params,
+    "realised_noise_rate": float(run.data.noise_rate),
+    **personalisation.history_summary(loop.target_test_accuracy, loop.rest_test_accuracy),
+    **finetuned,
+  }
+  for key in ("test_accuracy", "target_test_accuracy", "rest_test_accuracy"):
+    per_epoch = finetuned.get(f"finetune_{key}_per_epoch") or summary.get(f"{key}_per_epoch")
+    if per_epoch:
+      summary[f"final_{key}"] = per_epoch[-1]
+  if run.config.ddlr.enabled:
+    ddlr_state = optim.find_ddlr_state(state.opt_state)
+    if ddlr_state.log_lr is None:  # class rates only, so every instance has multiplier 1
+      log_lr = np.zeros(len(run.data.labels), np.float32)
+    else:
+      log_lr = np.asarray(ddlr_state.log_lr)
+    class_log_lr = None if ddlr_state.class_log_lr is None else np.asarray(ddlr_state.class_log_lr)
+    # Each instance's multiplier before batch normalisation is exp(a_i + b_{y_i}).
+    exponent = log_lr if class_log_lr is None else log_lr + class_log_lr[run.data.labels]
+    summary.update(
+      reporting.rate_report(
+        exponent, class_log_lr, run.data, score_noise=ddlr_state.log_lr is not None
+      )
+    )
+    if ddlr_state.log_lr is not None:
+      summary.update(personalisation.domain_auroc(exponent, run.data))
+    reporting.save_rates(
+      os.path.join(run.workdir, "rates.npz"), log_lr, exponent, class_log_lr, run.data
+    )
+    config = run.config
+    title = f"{config.data.name}, {config.data.noise.kind} noise {config.data.noise.rate:g}"
+    analysis.plot_rate_histogram(
+      exponent, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
+    )
+  summary.update(reporting.baseline_report(run.config.baseline.name, state, run.data, run.workdir))
+  reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
+  return summary
