@@ -94,7 +94,7 @@ def create_train_state(
   """Initialises parameters, BatchNorm statistics and optimizer state.
 
   With `cache_reference`, the state keeps a params-shaped reference gradient,
-  zeros until the caller sets `steps.initial_reference_direction`.
+  zeros until the caller applies `steps.refresh_reference_direction`.
   `baseline_state` is stored as given.
   """
   init_rng, state_rng = jax.random.split(rng)
@@ -162,6 +162,8 @@ class _Run:
   device_data: steps.DeviceData
   learning_rate: optax.Schedule
   train_fn: Any
+  # Recomputes the reused reference gradient; None unless reference_every_steps > 1.
+  refresh_fn: Any
   eval_fn: Any
   steps_per_epoch: int
   total_steps: int
@@ -309,11 +311,13 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     model, tx, inputs.sample_images(), rng, cache_reference=steps.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
+  refresh_fn = None
   if steps.caches_reference(settings):
-    initial_direction = jax.jit(
-      functools.partial(steps.initial_reference_direction, model=model, settings=settings)
+    refresh_fn = jax.jit(
+      functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
+      donate_argnums=0,
     )
-    state = state.replace(reference_direction=initial_direction(state, device_data))
+    state = refresh_fn(state, device_data)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("Model %s: %d parameters.", config.model.name, num_params)
   run = _Run(
@@ -328,6 +332,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
       donate_argnums=0,
     ),
     eval_fn=jax.jit(functools.partial(steps.eval_step, model=model)),
+    refresh_fn=refresh_fn,
     steps_per_epoch=steps_per_epoch,
     total_steps=total_steps,
     num_params=int(num_params),
@@ -371,6 +376,8 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
       for index, step_inputs in zip(range(first_index, run.steps_per_epoch), inputs, strict=True):
         step = (epoch - 1) * run.steps_per_epoch + index + 1  # steps done after this one
         state, step_metrics = run.train_fn(state, run.device_data, *step_inputs)
+        if run.refresh_fn is not None and step % config.ddlr.reference_every_steps == 0:
+          state = run.refresh_fn(state, run.device_data)
         pending.append(step_metrics)
         epoch_end = index == run.steps_per_epoch - 1
         # At an epoch end the checkpoint follows the evaluation, so that a

@@ -100,17 +100,37 @@ def build_step(variant: Variant, model, device_data):
   state = train.create_train_state(
     model, tx, device_data.train_images[:1], jax.random.key(0), cache_reference=cache
   )
-  if cache:
-    initial_direction = functools.partial(
-      steps.initial_reference_direction, model=model, settings=settings
-    )
-    state = state.replace(reference_direction=jax.jit(initial_direction)(state, device_data))
   step = jax.jit(
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings), donate_argnums=0
   )
   ids = jnp.arange(FLAGS.batch_size)
-  compiled = step.lower(state, device_data, ids).compile()
-  return step, state, compiled_memory(compiled, device_data)
+  memory = compiled_memory(step.lower(state, device_data, ids).compile(), device_data)
+  if not cache:
+    return step, state, memory
+
+  # As in the training loop: a separate refresh call after every k-th step.
+  refresh = jax.jit(
+    functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
+    donate_argnums=0,
+  )
+  refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), device_data)
+  state = refresh(state, device_data)
+  every = settings.reference_every_steps
+  steps_done = [0]
+
+  def step_and_refresh(state, device_data, ids):
+    state, metrics = step(state, device_data, ids)
+    steps_done[0] += 1
+    if steps_done[0] % every == 0:
+      state = refresh(state, device_data)
+    return state, metrics
+
+  for kind in ("temp", "peak"):
+    if memory[kind] is not None and refresh_memory[kind] is not None:
+      memory[kind] = max(memory[kind], refresh_memory[kind])
+  if memory["flops"] is not None and refresh_memory["flops"] is not None:
+    memory["flops"] += refresh_memory["flops"] / every
+  return step_and_refresh, state, memory
 
 
 def compiled_memory(compiled, device_data) -> dict[str, int | None]:
@@ -160,7 +180,7 @@ def time_variants(variants, model, device_data) -> dict[str, list[float]]:
       for index, ids in enumerate(batches[: FLAGS.warmup + per_round]):
         start = time.perf_counter()
         states[name], metrics = step(states[name], device_data, ids)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready((states[name], metrics))
         if index >= FLAGS.warmup:
           times[name].append(time.perf_counter() - start)
   return times, {name: entry[2] for name, entry in built.items()}

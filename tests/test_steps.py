@@ -175,7 +175,7 @@ def test_linearized_and_direct_paths_agree(reference):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_reference_gradient_refreshes_every_k_steps():
+def test_reused_reference_gradient_is_cached():
   model, data, params = _setup()
   tx = optim.ddlr(
     optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=0.5
@@ -187,28 +187,31 @@ def test_reference_gradient_refreshes_every_k_steps():
     step=jnp.zeros([], jnp.int32), params=params, batch_stats={}, opt_state=tx.init(params),
     rng=jax.random.key(1), reference_direction=None,
   )  # fmt: skip
-  initial = steps.initial_reference_direction(state, data, model=model, settings=settings)
-  state = state.replace(reference_direction=initial)
-  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
-  directions, reference_rngs = [], []
-  for index in range(4):
-    reference_rngs.append(jax.random.split(state.rng)[1])
-    state, _ = step(state, data, jnp.arange(BATCH_SIZE) + index)
-    directions.append(state.reference_direction)
-    if index == 2:
-      params_after_third = state.params
+  rng_before = state.rng
+  state = steps.refresh_reference_direction(state, data, model=model, settings=settings)
 
-  first_leaf = [jax.tree.leaves(direction)[0] for direction in directions]
-  assert float(jnp.max(jnp.abs(jax.tree.leaves(initial)[0]))) > 0.0
-  np.testing.assert_array_equal(first_leaf[0], jax.tree.leaves(initial)[0])
-  np.testing.assert_array_equal(first_leaf[1], jax.tree.leaves(initial)[0])
-  # Refreshed after the third update, at the parameters it produced.
+  # The refresh is the reference-split gradient at the current parameters.
   expected = steps.reference_split_gradient(
-    model, {}, params_after_third, data, reference_rngs[2], 4
+    model, {}, params, data, jax.random.split(rng_before)[1], 4
   )
-  for got, want in zip(jax.tree.leaves(directions[2]), jax.tree.leaves(expected), strict=True):
+  for got, want in zip(
+    jax.tree.leaves(state.reference_direction), jax.tree.leaves(expected), strict=True
+  ):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
-  np.testing.assert_array_equal(first_leaf[3], first_leaf[2])
+  assert float(jnp.max(jnp.abs(jax.tree.leaves(expected)[0]))) > 0.0
+
+  # Steps reuse the cached direction and leave it unchanged.
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+  cached = jax.tree.leaves(state.reference_direction)[0]
+  after, _ = step(state, data, jnp.arange(BATCH_SIZE))
+  np.testing.assert_array_equal(jax.tree.leaves(after.reference_direction)[0], cached)
+
+  # The alignment used is the one against the cached direction: a step with a
+  # zero direction leaves every rate unchanged.
+  zeros = state.replace(reference_direction=jax.tree.map(jnp.zeros_like, expected))
+  unchanged, _ = step(zeros, data, jnp.arange(BATCH_SIZE))
+  np.testing.assert_array_equal(unchanged.opt_state.log_lr, zeros.opt_state.log_lr)
+  assert float(jnp.max(jnp.abs(after.opt_state.log_lr))) > 0.0
 
 
 def test_split_with_batch_norm_uses_coupled_gradients():
