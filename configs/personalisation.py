@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config()
   config.data.noise.kind = "none"
   config.data.noise.rate = 0.0
-  # The pool is class-balanced, so 2,000 holds 600 footwear examples, enough
+  # The pool is class-balanced, so 2,000 contains 600 footwear examples, enough
   # for a 500-example target sample; the rest of the pool is never used.
   config.data.reference_size = 2000
   config.data.target.kind = "classes"

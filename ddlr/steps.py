@@ -249,10 +249,10 @@ def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, sett
   """Returns a baseline's rates [B] (weights times B) and its updated per-instance tables.
 
   Learning to reweight scores the batch against a reference-split batch at
-  the current parameters, the alignment path's `reference`/`current` setting;
-  small loss keeps the batch's lowest losses; Data Parameters keeps uniform
-  rates and takes a step on its temperatures. Other methods return `rates`
-  and the state's tables unchanged.
+  the current parameters, which is the alignment path's `reference` setting
+  with `reference_at='current'`. Small loss keeps the batch's lowest losses.
+  Data Parameters keeps uniform rates and takes a step on its temperatures.
+  Other methods return `rates` and the state's tables unchanged.
   """
   batch_size = ids.shape[0]
   name = settings.baseline.name

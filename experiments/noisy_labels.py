@@ -118,12 +118,7 @@ def main(argv: list[str]) -> None:
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
-  summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
-  groups = {row.name: row.group for row in rows}
-  table = sweep.results_table(summaries, seeds, COLUMNS, groups=groups)
-  path = sweep.write_table(FLAGS.workdir, table)
-  print(table)
-  print(f"table written to {path}")
+  sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
 
 
 if __name__ == "__main__":

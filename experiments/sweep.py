@@ -140,6 +140,30 @@ def write_table(workdir: str, table: str, name: str = "results.md") -> str:
   return path
 
 
+def run_and_report(
+  rows: Sequence[Row],
+  seeds: Sequence[int],
+  workdir: str,
+  columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS,
+  *,
+  relative_time_to: str | None = None,
+) -> str:
+  """Runs every row for every seed, then writes `results.md` and prints the table.
+
+  Rows with a non-empty group are listed under their group's heading.
+
+  Returns:
+    The Markdown table.
+  """
+  summaries = run_rows(rows, seeds, workdir)
+  groups = {row.name: row.group for row in rows if row.group} or None
+  table = results_table(summaries, seeds, columns, groups=groups, relative_time_to=relative_time_to)
+  path = write_table(workdir, table)
+  print(table)
+  print(f"table written to {path}")
+  return table
+
+
 def parse_seeds(values: Sequence[str]) -> list[int]:
   """Returns the integer seeds of a `--seeds` list flag.
 

@@ -46,11 +46,7 @@ def main(argv: list[str]) -> None:
   except ValueError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
-  summaries = sweep.run_rows(method_rows(FLAGS.config), seeds, FLAGS.workdir)
-  table = sweep.results_table(summaries, seeds, relative_time_to="uniform")
-  path = sweep.write_table(FLAGS.workdir, table)
-  print(table)
-  print(f"table written to {path}")
+  sweep.run_and_report(method_rows(FLAGS.config), seeds, FLAGS.workdir, relative_time_to="uniform")
 
 
 if __name__ == "__main__":

@@ -142,3 +142,19 @@ def test_personalisation_tables_show_auroc_for_transform_only():
   assert "AUROC" not in classes_part
   assert "| transform_ddlr | 0.5000 | n/a | n/a | 0.9000 |" in transform_part
   assert "| classes_ddlr | 0.5000 | n/a | n/a |" in classes_part
+
+
+def test_run_and_report_writes_grouped_table(tmp_path):
+  for name in ("uniform", "ddlr"):
+    run_dir = tmp_path / f"{name}_seed0"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps({"auroc": 0.5}))
+  config = default.get_config("quick")
+  rows = [sweep.Row("uniform", config, "small_cnn"), sweep.Row("ddlr", config, "small_cnn")]
+  table = sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")])
+  assert (tmp_path / "results.md").read_text() == table
+  assert table.splitlines()[4:] == [
+    "| **small_cnn** | |",
+    "| uniform | 0.5000 |",
+    "| ddlr | 0.5000 |",
+  ]

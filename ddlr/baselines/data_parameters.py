@@ -32,7 +32,7 @@ class DataParametersState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class DataParametersSettings:
-  """Which temperatures are learned, and their optimizer; both tables share the bounds."""
+  """Settings of the learned temperatures and their optimizer. Both tables share the bounds."""
 
   use_class: bool = True
   use_instance: bool = True

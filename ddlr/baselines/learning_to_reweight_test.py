@@ -69,7 +69,8 @@ def test_weights_are_normalised_positive_alignment():
   )(state.params)
   reference_flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(reference_grad)])
   alignment = per_example @ reference_flat
-  assert (alignment > 0).any() and (alignment < 0).any()
+  assert (alignment > 0).any()
+  assert (alignment < 0).any()
   expected_weights = np.maximum(alignment, 0) / np.maximum(alignment, 0).sum()
   np.testing.assert_allclose(
     new_state.baseline_state.last_weight[ids], BATCH * expected_weights, rtol=1e-4, atol=1e-6
