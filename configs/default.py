@@ -104,7 +104,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # small_loss_per_class the share is taken within each observed label.
   config.ddlr.small_loss_fraction = 0.3
   config.ddlr.small_loss_per_class = False
-  config.ddlr.alignment = "jvp"  # jvp (fast, O(P) memory) | vmap (per-example gradients)
+  # auto: layerwise (one forward-like pass per reference) where the model
+  # allows it, else jvp (forward mode); vmap forms per-example gradients.
+  config.ddlr.alignment = "auto"  # auto | layerwise | jvp | vmap
   # With 'rms' each visit moves an instance's log rate by about
   # hyper_learning_rate, whatever the scale of the gradients.
   config.ddlr.hypergradient_scale = "rms"

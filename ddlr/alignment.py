@@ -11,6 +11,10 @@ gradient (a VJP) and the alignment:
 * `vmap`: the per-example gradients as a [B, ...] pytree, one VJP per one-hot
   cotangent, then s = J t; memory O(B P). It is the reference path for tests
   and gives per-example gradient norms.
+* `layerwise` (`ddlr.layerwise`): each s_i from the layer cotangents of the
+  weighted gradient's backward pass and one forward-like pass of the tangent
+  per layer; about one forward pass cheaper than `jvp`, for models without
+  BatchNorm whose parameters all sit in Dense and Conv layers.
 
 Per-example gradients are never taken by vmapping the model over single
 examples: through BatchNorm that computes a different quantity.
@@ -22,7 +26,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-ALIGNMENT_METHODS = ("jvp", "vmap")
+# `auto` is `layerwise` where it applies (ddlr on a model without BatchNorm
+# whose parameters all sit in Dense and Conv layers) and `jvp` elsewhere.
+ALIGNMENT_METHODS = ("auto", "jvp", "vmap", "layerwise")
 
 
 class LinearizedLosses(NamedTuple):
@@ -32,6 +38,9 @@ class LinearizedLosses(NamedTuple):
   aux: Any  # auxiliary output of the loss function, e.g. BatchNorm statistics
   jvp: Callable[[Any], jax.Array]  # params-shaped tangent -> [B]
   vjp: Callable[[jax.Array], Any]  # [B] cotangent -> params-shaped gradient
+  # [B] cotangent -> (gradient, a linearisation whose `jvp` reuses this
+  # backward pass); only the layerwise path sets it, see `weighted_gradient`.
+  backward: Callable[[jax.Array], tuple[Any, "LinearizedLosses"]] | None = None
 
 
 def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) -> LinearizedLosses:
@@ -63,6 +72,19 @@ def differentiate_losses(
   return LinearizedLosses(losses, aux, jvp, lambda cotangent: vjp_fn(cotangent)[0])
 
 
+def weighted_gradient(lin: LinearizedLosses, cotangent: jax.Array):
+  """Takes the VJP of the losses with `cotangent` [B].
+
+  Returns:
+    The params-shaped gradient, and the linearisation to score examples with
+    afterwards: `lin` itself, or for the layerwise path one whose `jvp` reads
+    the layer cotangents of this backward pass.
+  """
+  if lin.backward is None:
+    return lin.vjp(cotangent), lin
+  return lin.backward(cotangent)
+
+
 def per_example_gradients(lin: LinearizedLosses):
   """Returns the gradient of every loss in the batch, a pytree with leading [B]."""
   batch_size = lin.losses.shape[0]
@@ -75,13 +97,14 @@ def compute_alignment(lin: LinearizedLosses, tangents, *, method: str) -> jax.Ar
   Args:
     lin: the linearised per-example losses.
     tangents: a params-shaped pytree whose leaves have a leading axis T.
-    method: `'jvp'` (forward mode, O(P) memory) or `'vmap'` (per-example
-      gradients, O(B P) memory).
+    method: `'jvp'` (forward mode, O(P) memory), `'layerwise'` or `'auto'`
+      (the same contract, `lin.jvp` from `weighted_gradient`) or `'vmap'`
+      (per-example gradients, O(B P) memory).
 
   Returns:
     float32 array [T, B]; entry (t, i) is <grad loss_i, tangents[t]>.
   """
-  if method == "jvp":
+  if method in ("jvp", "layerwise", "auto"):
     return jax.vmap(lin.jvp)(tangents).astype(jnp.float32)
   if method == "vmap":
     grads = per_example_gradients(lin)

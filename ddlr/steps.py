@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from ddlr import alignment as alignment_lib
-from ddlr import baselines, optim
+from ddlr import baselines, layerwise, optim
 from ddlr import small_loss as small_loss_lib
 from ddlr.baselines import data_parameters, hypergradient, learning_to_reweight
 from ddlr.baselines import small_loss as small_loss_baseline
@@ -85,7 +85,7 @@ class StepSettings:
   enabled: bool = True
   reference: str = "reference"
   reference_at: str = "lookahead"
-  alignment: str = "jvp"
+  alignment: str = "auto"
   normalize: bool = True
   class_rates: bool = False
   reference_batch_size: int = 128
@@ -201,7 +201,7 @@ def train_step(
       rates, baseline_state = apply_baseline(
         state, data, lin, ids, labels, rates, reference_rng, model=model, tx=tx, settings=settings
       )
-    grads = lin.vjp(rates / batch_size)
+    grads, lin = alignment_lib.weighted_gradient(lin, rates / batch_size)
     if settings.enabled:
       alignment = compute_batch_alignment(
           state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
@@ -277,6 +277,14 @@ def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, sett
 
 
 def _differentiate(loss_fn, state, settings) -> alignment_lib.LinearizedLosses:
+  if settings.alignment in ("layerwise", "auto"):
+    calls, reason = layerwise.find_layer_calls(loss_fn, state.params, state.batch_stats)
+    # `auto` keeps jvp for baselines: they score examples before the backward
+    # pass, where the layerwise path would repeat the forward pass.
+    if calls is not None and (settings.alignment == "layerwise" or settings.enabled):
+      return layerwise.linearize_layerwise(loss_fn, state.params, calls)
+    if settings.alignment == "layerwise":
+      raise ValueError(f"{reason}; use alignment='jvp' or 'auto'.")
   if settings.linearize:
     return alignment_lib.linearize_losses(loss_fn, state.params)
   return alignment_lib.differentiate_losses(loss_fn, state.params)
@@ -301,7 +309,11 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
     _differentiate(make_loss_fn(model, {}, images[part], labels[part]), state, settings)
     for part in parts
   ]
-  sums = [lin.vjp(rates[part]) for lin, part in zip(lins, parts, strict=True)]
+  backward = [
+    alignment_lib.weighted_gradient(lin, rates[part]) for lin, part in zip(lins, parts, strict=True)
+  ]
+  sums = [gradient for gradient, _ in backward]
+  lins = [lin for _, lin in backward]
   grads = jax.tree.map(lambda a, b: (a + b) / batch_size, *sums)
   precondition = _preconditioner(state.opt_state, settings)
   # Each half is scored against the other half's weighted mean gradient.

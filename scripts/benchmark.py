@@ -42,12 +42,16 @@ flags.DEFINE_list(
     "jvp/split",
     "jvp/reference",
     "jvp/reference@4",
+    "layerwise/momentum",
+    "layerwise/split",
+    "layerwise/reference@4",
     "vmap/momentum",
     "direct-jvp/momentum",
   ],
-  "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, vmap or direct-jvp "
-  "(jax.vjp plus a separate jax.jvp) and k the reference refresh interval. vmap forms "
-  "B per-example gradients, so its steps take minutes on a CPU.",
+  "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, layerwise, vmap or "
+  "direct-jvp (jax.vjp plus a separate jax.jvp) and k the reference refresh interval. "
+  "layerwise needs a model without BatchNorm. vmap forms B per-example gradients, so its "
+  "steps take minutes on a CPU.",
 )
 flags.DEFINE_list(
   "memory_only",
@@ -76,11 +80,11 @@ def parse_variant(name: str) -> Variant:
     return Variant(name, steps.StepSettings(enabled=False))
   path, _, reference = name.partition("/")
   reference, _, every = reference.partition("@")
-  if path not in ("jvp", "vmap", "direct-jvp") or reference not in steps.REFERENCES:
+  if path not in ("jvp", "vmap", "layerwise", "direct-jvp") or reference not in steps.REFERENCES:
     raise ValueError(f"invalid variant {name!r}; see --helpfull for the format.")
   settings = steps.StepSettings(
     reference=reference,
-    alignment="vmap" if path == "vmap" else "jvp",
+    alignment="jvp" if path == "direct-jvp" else path,
     linearize=path != "direct-jvp",
     reference_every_steps=int(every or 1),
   )
@@ -207,6 +211,15 @@ def main(argv):
     reference_images=jnp.asarray(rng.normal(size=(NUM_REFERENCE, *shape)).astype(np.float32)),
     reference_labels=jnp.asarray(rng.integers(0, NUM_CLASSES, NUM_REFERENCE).astype(np.int32)),
   )
+  variables = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), device_data.train_images[:1], train=False)
+  )
+  layerwise = [name for name in FLAGS.variants + FLAGS.memory_only if name.startswith("layerwise/")]
+  if "batch_stats" in variables and layerwise:
+    sys.exit(
+      f"error: {FLAGS.model} has BatchNorm, which the layerwise path does not support; "
+      f"remove {', '.join(layerwise)} from --variants and --memory_only."
+    )
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(
     f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}, "

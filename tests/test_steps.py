@@ -147,7 +147,7 @@ def test_train_step_compiles_once_and_stays_finite(reference):
 
 
 @pytest.mark.parametrize("reference", ["momentum", "split", "reference"])
-def test_linearized_and_direct_paths_agree(reference):
+def test_fast_and_direct_paths_agree(reference):
   model, data, params = _setup()
   tx = optim.ddlr(
     optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
@@ -157,22 +157,29 @@ def test_linearized_and_direct_paths_agree(reference):
     step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
     opt_state=tx.init(params), rng=jax.random.key(1),
   )  # fmt: skip
+  paths = {
+    "linearized jvp": dict(alignment="jvp", linearize=True),
+    "direct jvp": dict(alignment="jvp", linearize=False),
+    "layerwise": dict(alignment="layerwise"),
+  }
   outcomes = {}
-  for linearize in (True, False):
-    settings = steps.StepSettings(reference=reference, reference_batch_size=4, linearize=linearize)
+  for name, path in paths.items():
+    settings = steps.StepSettings(reference=reference, reference_batch_size=4, **path)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
     current = state
     for index in range(2):  # the second step has a non-zero momentum buffer
       current, metrics = step(current, data, jnp.arange(BATCH_SIZE) + index)
-    outcomes[linearize] = (current, metrics)
-  fast, direct = outcomes[True][0], outcomes[False][0]
-  assert float(jnp.max(jnp.abs(fast.opt_state.log_lr))) > 0.0
-  np.testing.assert_allclose(
-    outcomes[True][1]["ddlr/alignment_mean"], outcomes[False][1]["ddlr/alignment_mean"], rtol=1e-5
-  )
-  np.testing.assert_allclose(fast.opt_state.log_lr, direct.opt_state.log_lr, rtol=1e-5, atol=1e-7)
-  for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(direct.params), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    outcomes[name] = (current, metrics)
+  direct, direct_metrics = outcomes["direct jvp"]
+  assert float(jnp.max(jnp.abs(direct.opt_state.log_lr))) > 0.0
+  for name in ("linearized jvp", "layerwise"):
+    fast, fast_metrics = outcomes[name]
+    np.testing.assert_allclose(
+      fast_metrics["ddlr/alignment_mean"], direct_metrics["ddlr/alignment_mean"], rtol=1e-5
+    )
+    np.testing.assert_allclose(fast.opt_state.log_lr, direct.opt_state.log_lr, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(direct.params), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_reused_reference_gradient_is_cached():
