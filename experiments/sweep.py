@@ -1,9 +1,9 @@
 """Shared machinery of the sweeps: run a grid of configs over seeds and tabulate the summaries.
 
 A sweep is a list of `Row`s (a name, a config and an optional group) run for
-every seed. Each run trains in `workdir/<name>_seed<k>`. A run whose
-`summary.json` exists is reused and an interrupted run resumes from its
-latest checkpoint, so a sweep can be stopped and restarted at any point.
+every seed. Each run trains in `workdir/<name>_seed<k>`. A finished run with
+the same config is reused and an interrupted run resumes from its latest
+checkpoint, so a sweep can be stopped and restarted at any point.
 """
 
 import dataclasses
@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlr import train
+from ddlr import checkpoint, train
 
 # (summary key, column title) of the default table.
 DEFAULT_COLUMNS = (
@@ -36,12 +36,31 @@ class Row:
 
 
 def run_or_load(config, workdir: str) -> dict:
-  """Returns the summary of the run in `workdir`, training it first if it has none."""
+  """Returns the summary of the run in `workdir`, training it first if it has none.
+
+  A finished run is reused only when its saved config equals `config` up to
+  fields that do not change results (`checkpoint.OUTCOME_NEUTRAL`). A run
+  whose config differs only in resumable fields (e.g. more epochs) resumes
+  with `config`.
+
+  Raises:
+    checkpoint.ResumeError: the finished run was trained with a different
+      method, model or data, so it is neither reused nor overwritten.
+  """
   summary_path = os.path.join(workdir, "summary.json")
   if os.path.exists(summary_path):
-    logging.info("Reusing the finished run in %s.", workdir)
-    with open(summary_path) as f:
-      return json.load(f)
+    config_path = os.path.join(workdir, "config.json")
+    changed = checkpoint.config_differences(config_path, config)
+    if set(changed) <= checkpoint.OUTCOME_NEUTRAL:
+      logging.info("Reusing the finished run in %s.", workdir)
+      with open(summary_path) as f:
+        return json.load(f)
+    checkpoint.check_resumable_config(config_path, config)
+    logging.info(
+      "The finished run in %s differs from this sweep's config in %s; resuming it.",
+      workdir,
+      ", ".join(sorted(changed)),
+    )
   return train.train_and_evaluate(config, workdir)
 
 

@@ -7,21 +7,40 @@ import pytest
 
 from configs import default
 from configs import personalisation as personalisation_config
+from ddlr import checkpoint
 from experiments import personalisation, sweep, uniform_vs_ddlr
 
 
+def _finished_run(run_dir, config, summary):
+  run_dir.mkdir(exist_ok=True)
+  (run_dir / "config.json").write_text(config.to_json())
+  (run_dir / "summary.json").write_text(json.dumps(summary))
+
+
 def test_finished_run_is_reused(tmp_path):
+  config = default.get_config("quick")
   summary = {"last_epoch_test_accuracy": 0.5, "best_epoch_test_accuracy": 0.6}
-  (tmp_path / "summary.json").write_text(json.dumps(summary))
-  # A config of None would fail if training started, so reuse is what returns.
-  assert sweep.run_or_load(None, str(tmp_path)) == summary
+  _finished_run(tmp_path, config, summary)
+  # Neither field changes results; training would fail here, as there are no checkpoints.
+  config.train.log_every_steps = 7
+  config.ddlr.alignment = "vmap"
+  assert sweep.run_or_load(config, str(tmp_path)) == summary
+
+
+def test_finished_run_with_other_method_raises(tmp_path):
+  config = default.get_config("quick")
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  config.ddlr.hyper_learning_rate = 0.7
+  with pytest.raises(checkpoint.ResumeError, match=r"config.ddlr.hyper_learning_rate: 0.3 -> 0.7"):
+    sweep.run_or_load(config, str(tmp_path))
+  assert json.loads((tmp_path / "summary.json").read_text()) == {"auroc": 0.5}
 
 
 def test_run_rows_reuses_every_seed(tmp_path):
+  config = default.get_config("quick")
   for seed in (3, 4):
-    run_dir = tmp_path / f"uniform_seed{seed}"
-    run_dir.mkdir()
-    (run_dir / "summary.json").write_text(json.dumps({"seed": seed}))
+    config.seed = seed
+    _finished_run(tmp_path / f"uniform_seed{seed}", config, {"seed": seed})
   rows = [sweep.Row("uniform", default.get_config("quick"))]
   summaries = sweep.run_rows(rows, [3, 4], str(tmp_path))
   assert summaries == {"uniform": [{"seed": 3}, {"seed": 4}]}
@@ -145,11 +164,10 @@ def test_personalisation_tables_show_auroc_for_transform_only():
 
 
 def test_run_and_report_writes_grouped_table(tmp_path):
-  for name in ("uniform", "ddlr"):
-    run_dir = tmp_path / f"{name}_seed0"
-    run_dir.mkdir()
-    (run_dir / "summary.json").write_text(json.dumps({"auroc": 0.5}))
   config = default.get_config("quick")
+  config.seed = 0
+  for name in ("uniform", "ddlr"):
+    _finished_run(tmp_path / f"{name}_seed0", config, {"auroc": 0.5})
   rows = [sweep.Row("uniform", config, "small_cnn"), sweep.Row("ddlr", config, "small_cnn")]
   table = sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")])
   assert (tmp_path / "results.md").read_text() == table
