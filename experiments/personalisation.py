@@ -6,7 +6,7 @@ r"""Compares ways to personalise a model toward a target distribution, as Markdo
 Two target settings, each with the same model, schedule and seeds:
 
 - `classes`: class-prior shift toward the classes of the config's
-  `data.target.classes` (footwear, 5, 7 and 9, in configs/personalisation.py);
+  `data.target.classes` (2, 4 and 6 in configs/personalisation.py);
 - `transform`: covariate shift, `--fraction` of the images carry
   `--transform`.
 

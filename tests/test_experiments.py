@@ -115,7 +115,7 @@ def test_personalisation_rows_change_one_switch_each():
     f"transform_{m}" for m in methods
   ]
   by_name = {row.name: row.config for row in rows}
-  assert tuple(by_name["classes_uniform"].data.target.classes) == (5, 7, 9)
+  assert tuple(by_name["classes_uniform"].data.target.classes) == (2, 4, 6)
   transform = by_name["transform_uniform"].data.target
   assert (transform.kind, transform.transform, transform.fraction) == ("transform", "invert", 0.2)
   assert tuple(transform.classes) == ()
