@@ -7,26 +7,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
 from ddlr import train
 from ddlr.config_checks import ConfigError
-
-
-def _tiny_config(**overrides):
-  config = default.get_config("quick")
-  config.data.num_train = 0
-  config.data.num_test = 0
-  config.data.reference_size = 10
-  config.ddlr.reference_batch_size = 8
-  config.train.num_epochs = 1
-  config.train.batch_size = 32
-  config.train.log_every_steps = 1
-  config.eval.batch_size = 50
-  config.model.width = 4
-  for path, value in overrides.items():
-    section, field = path.split(".")
-    config[section][field] = value
-  return config
+from tests.run_helpers import tiny_config
 
 
 def _records(workdir):
@@ -35,7 +18,7 @@ def _records(workdir):
 
 
 def test_cifar10_crop_flip_run(tmp_path):
-  config = _tiny_config(**{"data.name": "cifar10", "data.augmentation": "crop_flip"})
+  config = tiny_config(**{"data.name": "cifar10", "data.augmentation": "crop_flip"})
   with tfds.testing.mock_data(num_examples=100):
     summary = train.train_and_evaluate(config, str(tmp_path))
 
@@ -48,7 +31,7 @@ def test_cifar10_crop_flip_run(tmp_path):
 
 
 def test_imagenet_inception_crop_run(tmp_path):
-  config = _tiny_config(
+  config = tiny_config(
     **{
       "data.name": "imagenet2012",
       "data.augmentation": "inception_crop",
@@ -92,4 +75,4 @@ def test_imagenet_inception_crop_run(tmp_path):
 )
 def test_invalid_augmentation_raises(tmp_path, overrides, message):
   with pytest.raises(ConfigError, match=message):
-    train.train_and_evaluate(_tiny_config(**overrides), str(tmp_path))
+    train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))

@@ -3,49 +3,27 @@
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
-from configs import default
-from ddlr import checkpoint, train
 from ddlr.config_checks import ConfigError, validate_config
-
-MOCK_EXAMPLES = 100  # 90 training instances after a reference split of 10
+from tests.run_helpers import latest_state, run_on_mock, tiny_config
 
 
 def _config(name="data_parameters", **overrides):
-  config = default.get_config("quick")
-  config.data.num_train = 0
-  config.data.num_test = 0
-  config.data.reference_size = 10
-  config.ddlr.enabled = False
-  config.baseline.name = name
-  config.baseline.reference_batch_size = 8
-  config.train.num_epochs = 2
-  config.train.batch_size = 16  # 5 steps per epoch
-  config.train.log_every_steps = 1
-  config.eval.batch_size = 50
-  config.model.width = 4
-  config.checkpoint.every_steps = 3
-  for path, value in overrides.items():
-    *sections, field = path.split(".")
-    node = config
-    for section in sections:
-      node = node[section]
-    node[field] = value
-  return config
-
-
-def _run(config, workdir):
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    return train.train_and_evaluate(config, str(workdir))
+  return tiny_config(
+    **{
+      "ddlr.enabled": False,
+      "baseline.name": name,
+      "baseline.reference_batch_size": 8,
+      "train.num_epochs": 2,
+      "train.batch_size": 16,  # 5 steps per epoch
+      "checkpoint.every_steps": 3,
+      **overrides,
+    }
+  )
 
 
 def _latest_state(workdir, config):
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    data = train._load_data(config, str(workdir), resuming=True)
-    _, template = train._build(config, str(workdir), data)
-  manager = checkpoint.create_manager(str(workdir), config.checkpoint.max_to_keep)
-  return checkpoint.restore_latest(manager, template, len(data.labels))[0]
+  return latest_state(workdir, config)[0]
 
 
 @pytest.mark.parametrize(
@@ -71,14 +49,14 @@ def test_invalid_baseline_config_is_rejected(overrides, message):
 def test_learning_to_reweight_without_reference_split_is_rejected(tmp_path):
   config = _config("learning_to_reweight", **{"data.reference_size": 0})
   with pytest.raises(ValueError, match="learning_to_reweight' needs a reference split"):
-    _run(config, tmp_path)
+    run_on_mock(config, tmp_path)
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
   """An uninterrupted two-epoch Data Parameters run: its workdir and summary."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  return workdir, _run(_config(), workdir)
+  return workdir, run_on_mock(_config(), workdir)
 
 
 def test_data_parameters_run_scores_instances(finished_run):
@@ -97,10 +75,10 @@ def test_data_parameters_run_scores_instances(finished_run):
 
 def test_data_parameters_resume_is_bit_identical(finished_run, tmp_path):
   reference_dir, reference_summary = finished_run
-  stopped = _run(_config(**{"train.stop_after_steps": 7}), tmp_path)
+  stopped = run_on_mock(_config(**{"train.stop_after_steps": 7}), tmp_path)
   assert stopped == {"completed": False, "step": 7}
 
-  summary = _run(_config(), tmp_path)
+  summary = run_on_mock(_config(), tmp_path)
 
   assert summary["test_accuracy_per_epoch"] == reference_summary["test_accuracy_per_epoch"]
   state = _latest_state(tmp_path, _config())
@@ -117,7 +95,7 @@ def test_data_parameters_resume_is_bit_identical(finished_run, tmp_path):
 
 
 def test_hypergradient_run_reports_learned_rate(tmp_path):
-  summary = _run(_config("hypergradient", **{"train.num_epochs": 1}), tmp_path)
+  summary = run_on_mock(_config("hypergradient", **{"train.num_epochs": 1}), tmp_path)
 
   assert summary["hypergradient_learning_rate"] != pytest.approx(0.05, abs=1e-9)
   assert "auroc" not in summary

@@ -15,47 +15,25 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
 from ddlr import checkpoint, reporting, train
 from ddlr import data as data_lib
+from tests.run_helpers import MOCK_EXAMPLES, latest_state, run_on_mock, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MOCK_EXAMPLES = 100  # 90 training instances after a reference split of 10
 
 
 def _config(**overrides):
-  config = default.get_config("quick")
-  config.data.num_train = 0
-  config.data.num_test = 0
-  config.data.reference_size = 10
-  config.ddlr.reference_batch_size = 8
-  config.ddlr.hyper_momentum = 0.5  # so the momentum table is checkpointed too
-  config.ddlr.reference_every_steps = 2  # so is the cached reference gradient
-  config.data.augmentation = "crop_flip"  # the crops must continue from the carried key
-  config.train.num_epochs = 2
-  config.train.batch_size = 16  # 5 steps per epoch
-  config.train.log_every_steps = 1
-  config.eval.batch_size = 50
-  config.model.width = 4
-  config.checkpoint.every_steps = 3
-  for path, value in overrides.items():
-    section, field = path.split(".")
-    config[section][field] = value
-  return config
-
-
-def _run(config, workdir):
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    return train.train_and_evaluate(config, str(workdir))
-
-
-def _latest_state(workdir, config):
-  """Restores the latest checkpoint of `workdir` into a freshly built template."""
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    data = train._load_data(config, str(workdir), resuming=True)
-    _, template = train._build(config, str(workdir), data)
-  manager = checkpoint.create_manager(str(workdir), config.checkpoint.max_to_keep)
-  return checkpoint.restore_latest(manager, template, len(data.labels))
+  return tiny_config(
+    **{
+      "ddlr.hyper_momentum": 0.5,  # so the momentum table is checkpointed too
+      "ddlr.reference_every_steps": 2,  # so is the cached reference gradient
+      "data.augmentation": "crop_flip",  # the crops must continue from the carried key
+      "train.num_epochs": 2,
+      "train.batch_size": 16,  # 5 steps per epoch
+      "checkpoint.every_steps": 3,
+      **overrides,
+    }
+  )
 
 
 def _assert_bit_identical(state_a, state_b):
@@ -70,20 +48,20 @@ def _assert_bit_identical(state_a, state_b):
 def finished_run(tmp_path_factory):
   """An uninterrupted two-epoch run: its workdir and final summary."""
   workdir = tmp_path_factory.mktemp("uninterrupted")
-  return workdir, _run(_config(), workdir)
+  return workdir, run_on_mock(_config(), workdir)
 
 
 @pytest.mark.parametrize("stop_after", [7, 5])  # 5 is the end of epoch 1
 def test_resumed_run_is_bit_identical(finished_run, tmp_path, stop_after):
   reference_dir, reference_summary = finished_run
-  stopped = _run(_config(**{"train.stop_after_steps": stop_after}), tmp_path)
+  stopped = run_on_mock(_config(**{"train.stop_after_steps": stop_after}), tmp_path)
   assert stopped == {"completed": False, "step": stop_after}
 
-  summary = _run(_config(), tmp_path)
+  summary = run_on_mock(_config(), tmp_path)
 
   assert summary["test_accuracy_per_epoch"] == reference_summary["test_accuracy_per_epoch"]
-  state, loop = _latest_state(tmp_path, _config())
-  reference_state, _ = _latest_state(reference_dir, _config())
+  state, loop = latest_state(tmp_path, _config())
+  reference_state, _ = latest_state(reference_dir, _config())
   assert int(state.step) == 10
   _assert_bit_identical(state, reference_state)
   rates = np.load(tmp_path / "rates.npz")
@@ -99,7 +77,8 @@ KILL_DURING_WRITE = textwrap.dedent(
   import orbax.checkpoint as ocp
   import tensorflow_datasets as tfds
   from ddlr import train
-  from tests.test_checkpoint import MOCK_EXAMPLES, _config
+  from tests.run_helpers import MOCK_EXAMPLES
+  from tests.test_checkpoint import _config
 
   marker = sys.argv[2]
   original = ocp.JsonCheckpointHandler.async_save
@@ -139,10 +118,10 @@ def test_sigkill_during_checkpoint_write_resumes(finished_run, tmp_path):
   assert "3" in checkpoints
   assert any("tmp" in name for name in checkpoints)  # the unfinished write of step 5
 
-  summary = _run(_config(), workdir)
+  summary = run_on_mock(_config(), workdir)
   assert summary["test_accuracy_per_epoch"] == reference_summary["test_accuracy_per_epoch"]
-  state, _ = _latest_state(workdir, _config())
-  reference_state, _ = _latest_state(reference_dir, _config())
+  state, _ = latest_state(workdir, _config())
+  reference_state, _ = latest_state(reference_dir, _config())
   _assert_bit_identical(state, reference_state)
 
 
@@ -159,7 +138,7 @@ def test_resume_with_changed_config_is_rejected(finished_run, tmp_path, path, va
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
   with pytest.raises(checkpoint.ResumeError, match=message):
-    _run(_config(**{path: value}), workdir)
+    run_on_mock(_config(**{path: value}), workdir)
 
 
 def test_resume_with_changed_noise_is_rejected(finished_run, tmp_path):
@@ -168,13 +147,13 @@ def test_resume_with_changed_noise_is_rejected(finished_run, tmp_path):
   config = _config()
   config.data.noise.rate = 0.2
   with pytest.raises(checkpoint.ResumeError, match=r"config.data.noise.rate: 0.4 -> 0.2"):
-    _run(config, workdir)
+    run_on_mock(config, workdir)
 
 
 def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
-  summary = _run(_config(**{"train.num_epochs": 3}), workdir)
+  summary = run_on_mock(_config(**{"train.num_epochs": 3}), workdir)
   assert len(summary["test_accuracy_per_epoch"]) == 3
   assert summary["test_accuracy_per_epoch"][:2] == finished_run[1]["test_accuracy_per_epoch"]
 
@@ -192,7 +171,7 @@ def test_checkpoint_of_other_dataset_size_is_rejected(finished_run, tmp_path):
   with pytest.raises(
     checkpoint.ResumeError, match=r"per-instance rates for 90 training instances.*has 80"
   ):
-    _run(_config(**{"data.num_train": 90}), workdir)
+    run_on_mock(_config(**{"data.num_train": 90}), workdir)
 
 
 def test_non_finite_loss_keeps_loadable_checkpoint(tmp_path, monkeypatch):
@@ -210,8 +189,8 @@ def test_non_finite_loss_keeps_loadable_checkpoint(tmp_path, monkeypatch):
 
   monkeypatch.setattr(train.data_lib, "load_dataset", load_with_nan_image)
   with pytest.raises(train.NonFiniteLossError, match=r"at step 3 \(epoch 1\)"):
-    _run(config, tmp_path)
-  state, _ = _latest_state(tmp_path, config)
+    run_on_mock(config, tmp_path)
+  state, _ = latest_state(tmp_path, config)
   assert int(state.step) == 2
   for leaf in jax.tree.leaves((state.params, state.opt_state)):
     assert np.all(np.isfinite(np.asarray(leaf)))
@@ -223,14 +202,14 @@ def test_missing_run_record_is_rejected(finished_run, tmp_path, name):
   shutil.copytree(finished_run[0], workdir)
   os.remove(workdir / name)
   with pytest.raises(checkpoint.ResumeError, match=f"has checkpoints but no {name}"):
-    _run(_config(), workdir)
+    run_on_mock(_config(), workdir)
 
 
 def test_checkpoint_past_the_end_is_rejected(finished_run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
   with pytest.raises(checkpoint.ResumeError, match=r"step 10 is past the end of this run"):
-    _run(_config(**{"train.num_epochs": 1}), workdir)
+    run_on_mock(_config(**{"train.num_epochs": 1}), workdir)
 
 
 def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
@@ -238,4 +217,4 @@ def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
   shutil.copytree(finished_run[0], workdir)
   os.mkdir(workdir / "checkpoints" / "999")
   with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/999 is damaged or incomplete"):
-    _run(_config(), workdir)
+    run_on_mock(_config(), workdir)

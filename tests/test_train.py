@@ -7,32 +7,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from configs import default
 from ddlr import train
 from ddlr.config_checks import ConfigError, validate_config
-
-
-def _tiny_config(**overrides):
-  config = default.get_config("quick")
-  config.data.num_train = 0
-  config.data.num_test = 0
-  config.data.reference_size = 10
-  config.ddlr.reference_batch_size = 8
-  config.train.num_epochs = 1
-  config.train.batch_size = 32
-  config.train.log_every_steps = 1
-  config.eval.batch_size = 50
-  config.model.width = 4
-  for path, value in overrides.items():
-    section, field = path.split(".")
-    config[section][field] = value
-  return config
+from tests.run_helpers import tiny_config
 
 
 def test_ddlr_run_writes_every_output(tmp_path):
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=100):
-    summary = train.train_and_evaluate(_tiny_config(), workdir)
+    summary = train.train_and_evaluate(tiny_config(), workdir)
 
   expected_files = [
       "config.json", "split_record.npz", "metrics.jsonl", "rates.npz",
@@ -63,7 +46,7 @@ def test_ddlr_run_writes_every_output(tmp_path):
 def test_uniform_baseline_run(tmp_path):
   workdir = str(tmp_path / "uniform")
   with tfds.testing.mock_data(num_examples=100):
-    summary = train.train_and_evaluate(_tiny_config(**{"ddlr.enabled": False}), workdir)
+    summary = train.train_and_evaluate(tiny_config(**{"ddlr.enabled": False}), workdir)
   assert "auroc" not in summary
   assert not os.path.exists(os.path.join(workdir, "rates.npz"))
   assert 0.0 <= summary["last_epoch_test_accuracy"] <= 1.0
@@ -71,7 +54,7 @@ def test_uniform_baseline_run(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
   workdir = str(tmp_path / "diverged")
-  config = _tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant"})
+  config = tiny_config(**{"optimizer.learning_rate": 1e30, "optimizer.schedule": "constant"})
   with tfds.testing.mock_data(num_examples=100):
     with pytest.raises(train.NonFiniteLossError, match=r"at step \d+ \(epoch 1\)"):
       train.train_and_evaluate(config, workdir)
@@ -96,11 +79,11 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
 def test_invalid_config_value_raises(tmp_path, path, value, message):
   with pytest.raises(ConfigError, match=message):
     with tfds.testing.mock_data(num_examples=100):
-      train.train_and_evaluate(_tiny_config(**{path: value}), str(tmp_path))
+      train.train_and_evaluate(tiny_config(**{path: value}), str(tmp_path))
 
 
 def test_reused_reference_rejects_current_point():
-  config = _tiny_config(**{"ddlr.reference_every_steps": 4, "ddlr.reference_at": "current"})
+  config = tiny_config(**{"ddlr.reference_every_steps": 4, "ddlr.reference_at": "current"})
   with pytest.raises(ConfigError, match=r"reference_at='current' applies only to"):
     validate_config(config)
 
@@ -109,11 +92,11 @@ def test_workdir_that_is_a_file_raises(tmp_path):
   path = tmp_path / "file"
   path.write_text("")
   with pytest.raises(ConfigError, match=r"exists and is not a directory"):
-    train.train_and_evaluate(_tiny_config(), str(path))
+    train.train_and_evaluate(tiny_config(), str(path))
 
 
 def test_class_rates_only_report_no_auroc(tmp_path):
-  config = _tiny_config(**{"ddlr.class_rates": True, "ddlr.instance_rates": False})
+  config = tiny_config(**{"ddlr.class_rates": True, "ddlr.instance_rates": False})
   with tfds.testing.mock_data(num_examples=100):
     summary = train.train_and_evaluate(config, str(tmp_path))
   assert "auroc" not in summary
