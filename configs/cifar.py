@@ -99,14 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 1000
 
   if args.small:
-    config.data.num_train = 612  # 512 training instances after the reference split
-    config.data.num_test = 256
-    config.data.reference_size = 100
-    config.ddlr.reference_batch_size = 32
-    config.train.num_epochs = 2
-    config.train.batch_size = 64
-    config.train.log_every_steps = 4
-    config.eval.batch_size = 128
+    common.shrink_to_small(config)
 
   if args.schedule == "step":
     # The same fractions of training, 1/2 and 3/4, at both sizes.

@@ -125,3 +125,19 @@ def set_augmentation(config: ml_collections.ConfigDict, augmentation: str, image
   config.data.augmentation = augmentation
   if image_size is not None:
     config.data.image_size = image_size
+
+
+def shrink_to_small(config: ml_collections.ConfigDict) -> None:
+  """Shrinks data, batch and epochs in place to the `small` size, a run of seconds on a CPU.
+
+  512 training instances after a 100-example reference split, 256 test
+  examples, batch 64 and two epochs. The configs shrink their models themselves.
+  """
+  config.data.num_train = 612
+  config.data.num_test = 256
+  config.data.reference_size = 100
+  config.ddlr.reference_batch_size = 32
+  config.train.num_epochs = 2
+  config.train.batch_size = 64
+  config.train.log_every_steps = 4
+  config.eval.batch_size = 128
