@@ -10,7 +10,7 @@ Two target settings, each with the same model, schedule and seeds:
 - `transform`: covariate shift, `--fraction` of the images carry
   `--transform`.
 
-and five methods:
+and six methods:
 
 - `uniform`: every training instance at the same rate (`ddlr.enabled=False`);
 - `finetune`: `uniform`, then `--finetune_epochs` epochs on the target sample;
@@ -19,13 +19,15 @@ and five methods:
 - `learning_to_reweight`: `config.baseline.name='learning_to_reweight'` with
   the target sample as its clean set; skipped, with a logged message, while
   the config has no `baseline` section;
-- `ddlr`: per-instance rates learned against the target sample.
+- `ddlr`: per-instance rates learned against the target sample;
+- `ddlr_finetune`: `ddlr`, then the same fine-tuning as `finetune`, which
+  tests whether the personalised model is the better start for fine-tuning.
 
 Each run trains in `workdir/<setting>_<method>_seed<k>`; finished runs are
 reused and interrupted ones resume. The tables (`results.md`) give mean ± std
 over seeds of the target-test and rest-of-test accuracy of the final model
-(after fine-tuning for `finetune`), the best-epoch target-test accuracy and,
-for covariate shift, the AUROC of the learned rates for "training image is
+(after fine-tuning for `finetune` and `ddlr_finetune`), the best-epoch
+target-test accuracy and, for covariate shift, the AUROC of the learned rates for "training image is
 from the target domain".
 """
 
@@ -43,7 +45,7 @@ from experiments import sweep
 FLAGS = flags.FLAGS
 
 SETTINGS = ("classes", "transform")
-METHODS = ("uniform", "finetune", "target_only", "learning_to_reweight", "ddlr")
+METHODS = ("uniform", "finetune", "target_only", "learning_to_reweight", "ddlr", "ddlr_finetune")
 COLUMNS = (
   ("final_target_test_accuracy", "target-test acc."),
   ("final_rest_test_accuracy", "rest-of-test acc."),
@@ -78,8 +80,8 @@ def setting_config(
 def method_config(config, method: str, finetune_epochs: int) -> ml_collections.ConfigDict | None:
   """Returns `config` set up for `method`, or None when the code lacks the method."""
   config = config.copy_and_resolve_references()
-  config.ddlr.enabled = method == "ddlr"
-  if method == "finetune":
+  config.ddlr.enabled = method in ("ddlr", "ddlr_finetune")
+  if method in ("finetune", "ddlr_finetune"):
     config.finetune.epochs = finetune_epochs
   elif method == "target_only":
     config.data.target.train_on = "target_sample"

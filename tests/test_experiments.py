@@ -110,7 +110,7 @@ def test_personalisation_rows_change_one_switch_each():
   rows = personalisation.sweep_rows(
     config, transform="invert", fraction=0.2, finetune_epochs=3, methods=personalisation.METHODS
   )
-  methods = ["uniform", "finetune", "target_only", "learning_to_reweight", "ddlr"]
+  methods = ["uniform", "finetune", "target_only", "learning_to_reweight", "ddlr", "ddlr_finetune"]
   assert [row.name for row in rows] == [f"classes_{m}" for m in methods] + [
     f"transform_{m}" for m in methods
   ]
@@ -131,6 +131,12 @@ def test_personalisation_rows_change_one_switch_each():
       assert changed[section][field] == value
       changed[section][field] = uniform[section][field]
       assert changed == uniform, method
+    ddlr_finetune = by_name[f"{setting}_ddlr_finetune"].to_dict()
+    assert ddlr_finetune["ddlr"]["enabled"] is True
+    assert ddlr_finetune["finetune"]["epochs"] == 3
+    ddlr_finetune["ddlr"]["enabled"] = False
+    ddlr_finetune["finetune"]["epochs"] = uniform["finetune"]["epochs"]
+    assert ddlr_finetune == uniform
     target_only = by_name[f"{setting}_target_only"].to_dict()
     assert target_only["data"]["target"]["train_on"] == "target_sample"
     target_only["data"]["target"]["train_on"] = "all"
