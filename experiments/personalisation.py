@@ -27,8 +27,8 @@ Each run trains in `workdir/<setting>_<method>_seed<k>`; finished runs are
 reused and interrupted ones resume. The tables (`results.md`) give mean ± std
 over seeds of the target-test and rest-of-test accuracy of the final model
 (after fine-tuning for `finetune` and `ddlr_finetune`), the best-epoch
-target-test accuracy and, for covariate shift, the AUROC of the learned rates for "training image is
-from the target domain".
+target-test accuracy and, for covariate shift, the AUROC of the learned rates
+for "training image is from the target domain".
 """
 
 import sys

@@ -38,6 +38,20 @@ class NormedMLP(nn.Module):
     return nn.Dense(4)(x)
 
 
+class ReluDense(nn.Dense):
+  """A Dense subclass whose output is not linear in its parameters."""
+
+  def __call__(self, inputs):
+    return nn.relu(super().__call__(inputs))
+
+
+class SubclassMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    return nn.Dense(4)(ReluDense(8)(x.reshape((x.shape[0], -1))))
+
+
 def _problem(model):
   keys = jax.random.split(jax.random.key(0), 5)
   images = jax.random.normal(keys[0], (BATCH_SIZE, 12, 12, 1))
@@ -113,6 +127,13 @@ def test_parameter_outside_dense_and_conv_is_named():
   calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
   assert calls is None
   assert "LayerNorm_0/bias, LayerNorm_0/scale are not" in reason
+
+
+def test_dense_subclass_is_not_probed():
+  params, batch_stats, loss_fn, _, _ = _problem(SubclassMLP())
+  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
+  assert calls is None
+  assert "ReluDense_0/bias, ReluDense_0/kernel are not" in reason
 
 
 def _step_outcome(model, alignment, reference="momentum"):
