@@ -282,9 +282,11 @@ def check_resumable_config(saved_config_path: str, config: ml_collections.Config
   unsafe = {path: values for path, values in changed.items() if path not in SAFE_TO_CHANGE}
   if unsafe:
     differences = "; ".join(f"config.{p}: {old!r} -> {new!r}" for p, (old, new) in unsafe.items())
+    run_dir = os.path.dirname(saved_config_path) or "."
     raise ResumeError(
-      f"the workdir contains a run with a different config, so it cannot be resumed: "
-      f"{differences}. Use a new --workdir, or restore these values."
+      f"{run_dir} contains a run with a different config, so it cannot be resumed: "
+      f"{differences}. Use a new --workdir (in a sweep, remove this run's directory), "
+      "or restore these values."
     )
   for path, (old, new_value) in changed.items():
     logging.info("Resuming with config.%s changed from %r to %r.", path, old, new_value)
@@ -305,3 +307,17 @@ def truncate_metrics(path: str, last_step: int) -> None:
   with open(temporary, "w") as f:
     f.writelines(records)
   os.replace(temporary, path)
+
+
+def set_aside_summary(workdir: str, step: int, total_steps: int) -> None:
+  """Renames a finished run's summary.json before the run trains further.
+
+  A resumed run that trains more steps (more epochs) replaces the summary
+  only at its end. Until then no summary.json may describe the shorter run,
+  or a sweep would reuse it; it is kept as summary_step<step>.json.
+  """
+  path = os.path.join(workdir, "summary.json")
+  if step < total_steps and os.path.exists(path):
+    aside_path = os.path.join(workdir, f"summary_step{step}.json")
+    os.replace(path, aside_path)
+    logging.info("The run trains past step %d, so its summary moved to %s.", step, aside_path)

@@ -27,15 +27,19 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
+from ddlr import alignment as alignment_lib
 from ddlr.alignment import LinearizedLosses
 
 # Layers whose output is linear in their parameters (kernel and bias).
 PROBED_LAYERS = (nn.Dense, nn.Conv)
+MIN_COTANGENT = 1e-30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,12 +65,13 @@ def _probing_interceptor(calls: list[_LayerCall] | None, perturbations, inputs: 
     if context.method_name != "__call__" or type(context.module) not in PROBED_LAYERS:
       return next_fun(*args, **kwargs)
     output = next_fun(*args, **kwargs)
+    layer_input = args[0] if args else kwargs["inputs"]
     if calls is not None:
       layer = context.module.clone(parent=None)
       shape = jax.ShapeDtypeStruct(output.shape, output.dtype)
       calls.append(_LayerCall(layer, context.module.path, shape))
       return output
-    inputs.append(args[0])
+    inputs.append(layer_input)
     return output + perturbations[len(inputs) - 1]
 
   return interceptor
@@ -87,7 +92,18 @@ def find_layer_calls(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params, ba
     )
   calls: list[_LayerCall] = []
   with nn.intercept_methods(_probing_interceptor(calls, None, [])):
-    jax.eval_shape(loss_fn, params)
+    # A fresh function each time: eval_shape caches traces by function, and a
+    # cached trace would not run the interceptor.
+    losses, _ = jax.eval_shape(lambda p: loss_fn(p), params)
+  batch_size = losses.shape[0]
+  off_batch = sorted(
+    {"/".join(call.path) for call in calls if call.output.shape[:1] != (batch_size,)}
+  )
+  if off_batch:
+    return None, (
+      "the layerwise alignment needs every Dense and Conv output to have the batch as "
+      f"its leading axis, but the output of {', '.join(off_batch[:5])} does not"
+    )
   probed_paths = {call.path for call in calls}
   uncovered = sorted(
     "/".join(path)
@@ -111,9 +127,9 @@ def linearize_layerwise(
   from `find_layer_calls`. The returned linearisation's `backward(cotangent)`
   gives the VJP of the losses with `cotangent` [B] and a linearisation whose
   `jvp` scores examples from that backward pass's layer cotangents, at the
-  cost of one forward-like pass per tangent. Every cotangent entry must be
-  nonzero, because the scores are divided by it; a zero entry gives NaN.
-  Before `backward`, `jvp` is a plain `jax.jvp`, which repeats the forward
+  cost of one forward-like pass per tangent. The scores are divided by the
+  cotangent, so an example whose cotangent is below `MIN_COTANGENT` gets
+  alignment 0. Before `backward`, `jvp` is a plain `jax.jvp`, which repeats the forward
   pass.
   """
 
@@ -148,8 +164,85 @@ def linearize_layerwise(
         direction = call.layer.apply(variables, layer_input)
         products = (delta * direction).astype(jnp.float32)
         weighted = weighted + jnp.sum(products.reshape(products.shape[0], -1), axis=1)
-      return weighted / cotangent.astype(jnp.float32)
+      # Below this cotangent the scaled layer cotangents lose float32 precision
+      # and, at zero, give NaN. Such an example's rate is then below 1e-30 of
+      # its batch's mean, so its alignment no longer moves any rate; it gets 0.
+      cotangent32 = cotangent.astype(jnp.float32)
+      usable = jnp.abs(cotangent32) >= MIN_COTANGENT
+      return jnp.where(usable, weighted / jnp.where(usable, cotangent32, 1.0), 0.0)
 
     return grads, LinearizedLosses(losses, aux, layerwise_jvp, vjp)
 
   return LinearizedLosses(losses, aux, plain_jvp, vjp, backward)
+
+
+def check_agreement(loss_fn, params, calls: list[_LayerCall], rtol: float = 1e-3) -> str | None:
+  """Compares the layerwise and the jvp alignment on one random tangent.
+
+  The layer check of `find_layer_calls` cannot see a parameter used outside
+  its layer's call (a tied kernel read from the variables, `nn.map_variables`),
+  which makes the layerwise alignment wrong; this comparison catches it.
+
+  Returns:
+    None when they agree within `rtol` of the largest alignment, else the reason.
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  tangent = jax.tree.unflatten(
+    treedef,
+    [
+      jax.random.normal(key, leaf.shape, leaf.dtype) for key, leaf in zip(keys, leaves, strict=True)
+    ],
+  )
+
+  @jax.jit
+  def both_paths(params, tangent):
+    lin = linearize_layerwise(loss_fn, params, calls)
+    cotangent = jnp.linspace(0.5, 1.5, lin.losses.shape[0])
+    _, scored = alignment_lib.weighted_gradient(lin, cotangent)
+    reference = alignment_lib.linearize_losses(loss_fn, params)
+    return scored.jvp(tangent), reference.jvp(tangent)
+
+  layerwise_scores, jvp_scores = jax.device_get(both_paths(params, tangent))
+  scale = float(np.max(np.abs(jvp_scores)))
+  error = float(np.max(np.abs(layerwise_scores - jvp_scores)))
+  if error <= rtol * scale + 1e-6:
+    return None
+  return (
+    f"the layerwise alignment differs from the jvp alignment by {error:.3g} (largest "
+    f"alignment {scale:.3g}) on this model, so a parameter is probably used outside "
+    "its Dense or Conv layer's call"
+  )
+
+
+def choose_alignment(requested: str, enabled: bool, loss_fn, params, batch_stats):
+  """Decides between the layerwise and the jvp path for alignment 'auto' or 'layerwise'.
+
+  `loss_fn` is the model's per-example loss on a small batch. The layerwise
+  path is chosen when the model's layers allow it (`find_layer_calls`) and it
+  agrees with the jvp path (`check_agreement`). 'auto' keeps jvp for the
+  baselines (`enabled` false), which score a batch before its backward pass.
+
+  Returns:
+    `(path, reason)`: 'layerwise' and None, or 'jvp' and why layerwise was not
+    taken; for `requested='layerwise'` on a model where it does not apply,
+    None and the reason.
+  """
+  if requested == "auto" and not enabled:
+    return "jvp", "the baselines score a batch before its backward pass"
+  try:
+    calls, reason = find_layer_calls(loss_fn, params, batch_stats)
+    if calls is not None:
+      reason = check_agreement(loss_fn, params, calls)
+  except (
+    ValueError,
+    TypeError,
+    IndexError,
+    jax.errors.JAXTypeError,
+    flax.errors.FlaxError,
+  ) as error:
+    # Lifted transforms (nn.remat, nn.scan) fail while being probed.
+    reason = f"the layerwise path failed on this model ({type(error).__name__}: {error})"
+  if reason is None:
+    return "layerwise", None
+  return (None if requested == "layerwise" else "jvp"), reason

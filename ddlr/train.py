@@ -27,6 +27,7 @@ from ddlr import (
   baselines,
   checkpoint,
   input_pipeline,
+  layerwise,
   optim,
   personalisation,
   reporting,
@@ -208,16 +209,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       checkpoint.check_resumable_config(config_path, config)
     data = _load_data(config, workdir, resuming)
     run, state = _build(config, workdir, data)
-    reporting.write_json(config_path, json.loads(config.to_json()))
 
     loop = checkpoint.LoopRecord(num_instances=len(data.labels))
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if resuming:
       state, loop = checkpoint.restore_latest(manager, state, len(data.labels))
+      _check_resume_point(run, int(state.step), loop)
+      checkpoint.set_aside_summary(workdir, int(state.step), run.total_steps)
     elif os.path.exists(metrics_path):
       logging.warning(
         "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path
       )
+    # Written only after every resume check passed, because sweeps compare it
+    # with their config to decide whether a finished run can be reused.
+    reporting.write_json(config_path, json.loads(config.to_json()))
     checkpoint.truncate_metrics(metrics_path, int(state.step))
     state, completed = _train(run, state, loop, manager)
   finally:
@@ -311,6 +316,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     model, tx, inputs.sample_images(), rng, cache_reference=steps.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
+  settings = _resolve_alignment(settings, model, state, inputs.sample_images(), data.num_classes)
   refresh_fn = None
   if steps.caches_reference(settings):
     refresh_fn = jax.jit(
@@ -340,10 +346,8 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
   return run, state
 
 
-def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any, bool]:
-  """Runs the remaining steps; returns the state and whether all epochs finished."""
-  config = run.config
-  start_step = int(state.step)
+def _check_resume_point(run: _Run, start_step: int, loop: checkpoint.LoopRecord) -> None:
+  """Raises ResumeError unless the restored step and loop record fit this run."""
   first_epoch = start_step // run.steps_per_epoch + 1
   if len(loop.test_accuracy) != first_epoch - 1:
     raise checkpoint.ResumeError(
@@ -353,9 +357,41 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
   if start_step > run.total_steps:
     raise checkpoint.ResumeError(
       f"the checkpoint at step {start_step} is past the end of this run "
-      f"({config.train.num_epochs} epochs, {run.total_steps} steps); raise "
+      f"({run.config.train.num_epochs} epochs, {run.total_steps} steps); raise "
       "config.train.num_epochs or use a new --workdir."
     )
+
+
+def _resolve_alignment(settings, model, state, sample_images, num_classes):
+  """Returns `settings` with alignment 'auto' or 'layerwise' replaced by the path to use.
+
+  Raises:
+    ConfigError: for alignment 'layerwise' on a model where it does not apply.
+  """
+  if settings.alignment not in ("auto", "layerwise"):
+    return settings
+  # A small random batch suffices: the check compares two exact paths.
+  images = np.random.default_rng(0).normal(size=(4, *sample_images.shape[1:]))
+  loss_fn = steps.make_loss_fn(
+    model, state.batch_stats, jnp.asarray(images, jnp.float32), jnp.arange(4) % num_classes
+  )
+  alignment, reason = layerwise.choose_alignment(
+    settings.alignment, settings.enabled, loss_fn, state.params, state.batch_stats
+  )
+  if alignment is None:
+    raise ConfigError(
+      f"config.ddlr.alignment='layerwise' does not apply: {reason}. Use 'auto' or 'jvp'."
+    )
+  logging.info("Alignment: %s%s.", alignment, f", because {reason}" if reason else "")
+  return dataclasses.replace(settings, alignment=alignment)
+
+
+def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any, bool]:
+  """Runs the remaining steps; returns the state and whether all epochs finished."""
+  config = run.config
+  start_step = int(state.step)
+  first_epoch = start_step // run.steps_per_epoch + 1
+  _check_resume_point(run, start_step, loop)
   if start_step:
     logging.info("Resuming at step %d (epoch %d).", start_step, first_epoch)
   every_steps, stop_after = config.checkpoint.every_steps, config.train.stop_after_steps

@@ -1,7 +1,8 @@
 r"""Times a ddlr train step against a uniform one, side by side in one process.
 
   .venv/bin/python -m scripts.benchmark --model=small_cnn --steps=30
-  .venv/bin/python -m scripts.benchmark --model=resnet18 --batch_size=128 --steps=5
+  .venv/bin/python -m scripts.benchmark --model=resnet18 --batch_size=128 --steps=5 \
+    --variants=uniform,jvp/momentum,jvp/split,jvp/reference@4
 
 For one model, batch and random data held on the device, every variant's
 jitted train step is compiled, warmed up, and timed step by step (each step

@@ -17,6 +17,7 @@ import tensorflow_datasets as tfds
 
 from ddlr import checkpoint, reporting, train
 from ddlr import data as data_lib
+from experiments import sweep
 from tests.run_helpers import MOCK_EXAMPLES, latest_state, run_on_mock, tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,3 +219,28 @@ def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
   os.mkdir(workdir / "checkpoints" / "999")
   with pytest.raises(checkpoint.ResumeError, match=r"checkpoints/999 is damaged or incomplete"):
     run_on_mock(_config(), workdir)
+
+
+def test_rejected_shorter_run_stays_rejected(tmp_path):
+  run_on_mock(tiny_config(**{"train.num_epochs": 2}), tmp_path)
+  shorter = tiny_config(**{"train.num_epochs": 1})
+  # The first rejection must not leave a config.json that makes the sweep reuse the run.
+  for _ in range(2):
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+      with pytest.raises(checkpoint.ResumeError, match="past the end of this run"):
+        sweep.run_or_load(shorter, str(tmp_path))
+
+
+def test_extended_run_sets_summary_aside(tmp_path):
+  first = run_on_mock(tiny_config(), tmp_path)  # 1 epoch of 2 steps
+  stopped = run_on_mock(
+    tiny_config(**{"train.num_epochs": 2, "train.stop_after_steps": 3}), tmp_path
+  )
+  assert stopped == {"completed": False, "step": 3}
+  assert not (tmp_path / "summary.json").exists()
+  with open(tmp_path / "summary_step2.json") as f:
+    assert json.load(f) == first
+
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    extended = sweep.run_or_load(tiny_config(**{"train.num_epochs": 2}), str(tmp_path))
+  assert len(extended["test_accuracy_per_epoch"]) == 2

@@ -52,6 +52,36 @@ class SubclassMLP(nn.Module):
     return nn.Dense(4)(ReluDense(8)(x.reshape((x.shape[0], -1))))
 
 
+class ReadKernelMLP(nn.Module):
+  """Reads a Dense kernel outside its layer's call, which the layer check cannot see."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    encoder = nn.Dense(8)
+    hidden = nn.tanh(encoder(x.reshape((x.shape[0], -1))))
+    return nn.Dense(4)(hidden @ encoder.variables["params"]["kernel"].T[:, :8])
+
+
+class OffsetMLP(nn.Module):
+  """A Dense applied to a constant without the batch axis, broadcast onto the batch."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    return nn.Dense(4)(x.reshape((x.shape[0], -1))) + nn.Dense(4)(jnp.ones((1, 1)))
+
+
+class KeywordRematMLP(nn.Module):
+  """A Dense called with a keyword and one under nn.remat."""
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    del train
+    x = nn.Dense(8)(inputs=x.reshape((x.shape[0], -1)))
+    return nn.remat(nn.Dense)(4)(nn.tanh(x))
+
+
 def _problem(model):
   keys = jax.random.split(jax.random.key(0), 5)
   images = jax.random.normal(keys[0], (BATCH_SIZE, 12, 12, 1))
@@ -171,3 +201,51 @@ def test_auto_path_falls_back_to_jvp_with_batch_norm():
   auto, jvp = _step_outcome(model, "auto"), _step_outcome(model, "jvp")
   assert float(jnp.max(jnp.abs(jvp.opt_state.log_lr))) > 0.0
   np.testing.assert_array_equal(auto.opt_state.log_lr, jvp.opt_state.log_lr)
+
+
+def test_kernel_read_outside_call_is_caught():
+  params, batch_stats, loss_fn, _, _ = _problem(ReadKernelMLP())
+  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
+  assert reason is None  # the layer check passes, so the numerical check must catch it
+  assert "differs from the jvp alignment" in layerwise.check_agreement(loss_fn, params, calls)
+  assert layerwise.choose_alignment("auto", True, loss_fn, params, batch_stats)[0] == "jvp"
+  assert layerwise.choose_alignment("layerwise", True, loss_fn, params, batch_stats)[0] is None
+
+
+def test_output_without_batch_axis_is_rejected():
+  params, batch_stats, loss_fn, _, _ = _problem(OffsetMLP())
+  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
+  assert calls is None
+  assert "the output of Dense_1 does not" in reason
+
+
+def test_lifted_layer_falls_back_to_jvp():
+  params, batch_stats, loss_fn, _, _ = _problem(KeywordRematMLP())
+  path, reason = layerwise.choose_alignment("auto", True, loss_fn, params, batch_stats)
+  assert path == "jvp"
+  assert "failed on this model" in reason
+
+
+def test_supported_model_chooses_layerwise_twice():
+  # eval_shape caches traces by function; a second check must still see the layers.
+  params, batch_stats, loss_fn, _, _ = _problem(TiedMLP())
+  for _ in range(2):
+    assert layerwise.choose_alignment("auto", True, loss_fn, params, batch_stats) == (
+      "layerwise",
+      None,
+    )
+  assert layerwise.choose_alignment("auto", False, loss_fn, params, batch_stats)[0] == "jvp"
+
+
+def test_zero_cotangent_gives_zero_alignment():
+  params, batch_stats, loss_fn, tangents, cotangent = _problem(TiedMLP())
+  cotangent = cotangent.at[0].set(0.0).at[1].set(1e-35)
+  calls, _ = layerwise.find_layer_calls(loss_fn, params, batch_stats)
+  lin = layerwise.linearize_layerwise(loss_fn, params, calls)
+  _, scored = alignment_lib.weighted_gradient(lin, cotangent)
+  got = alignment_lib.compute_alignment(scored, tangents, method="layerwise")
+  expected = alignment_lib.compute_alignment(
+    alignment_lib.linearize_losses(loss_fn, params), tangents, method="vmap"
+  )
+  np.testing.assert_array_equal(got[:, :2], 0.0)
+  np.testing.assert_allclose(got[:, 2:], expected[:, 2:], rtol=1e-4, atol=1e-5)

@@ -104,3 +104,11 @@ def test_class_rates_only_report_no_auroc(tmp_path):
   assert rates["class_log_lr"].shape == (10,)
   expected = np.exp(rates["class_log_lr"][rates["labels"]])
   np.testing.assert_allclose(rates["rate"], expected, rtol=1e-6)
+
+
+def test_layerwise_alignment_on_batch_norm_rejected(tmp_path):
+  config = tiny_config(**{"model.batch_norm": True, "ddlr.alignment": "layerwise"})
+  with tfds.testing.mock_data(num_examples=100):
+    with pytest.raises(ConfigError, match=r"alignment='layerwise' does not apply: .*BatchNorm"):
+      train.train_and_evaluate(config, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
