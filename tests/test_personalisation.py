@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from test_data import make_config, write_mnist_dir
-from test_train import _tiny_config
 
 from ddlr import analysis, checkpoint, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
+from tests.run_helpers import tiny_config
 
 FOOTWEAR = (5, 7, 9)
 
@@ -186,7 +186,7 @@ def test_target_without_reference_pool_raises(raw_dir):
 
 
 def _target_config(**overrides):
-  config = _tiny_config(**overrides)
+  config = tiny_config(**overrides)
   config.data.reference_size = 20
   config.data.target.kind = "classes"
   config.data.target.classes = FOOTWEAR
@@ -252,7 +252,7 @@ def test_ddlr_run_reports_target_and_domain_auroc(tmp_path):
 
 
 def test_finetune_without_reference_raises(tmp_path):
-  config = _tiny_config(**{"ddlr.enabled": False})
+  config = tiny_config(**{"ddlr.enabled": False})
   config.data.reference_size = 0
   config.finetune.epochs = 1
   with pytest.raises(ConfigError, match=r"config.finetune.epochs=1 fine-tunes on the reference"):
