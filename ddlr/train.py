@@ -370,6 +370,10 @@ def _resolve_alignment(settings, model, state, sample_images, num_classes):
   """
   if settings.alignment not in ("auto", "layerwise"):
     return settings
+  if not settings.enabled and settings.alignment == "auto":
+    # Without ddlr only learning to reweight scores examples, and it does so
+    # before the backward pass, where jvp is the cheaper path.
+    return dataclasses.replace(settings, alignment="jvp")
   # A small random batch suffices: the check compares two exact paths.
   images = np.random.default_rng(0).normal(size=(4, *sample_images.shape[1:]))
   loss_fn = steps.make_loss_fn(
