@@ -13,8 +13,8 @@ gradient (a VJP) and the alignment:
   and gives per-example gradient norms.
 * `layerwise` (`ddlr.layerwise`): each s_i from the layer cotangents of the
   weighted gradient's backward pass and one forward-like pass of the tangent
-  per layer; about one forward pass cheaper than `jvp`, for models without
-  BatchNorm whose parameters all sit in Dense and Conv layers.
+  per layer. It costs about one forward pass less than `jvp` and applies to
+  models without BatchNorm whose parameters all sit in Dense and Conv layers.
 
 Per-example gradients are never taken by vmapping the model over single
 examples: through BatchNorm that computes a different quantity.

@@ -180,8 +180,9 @@ def check_agreement(loss_fn, params, calls: list[_LayerCall], rtol: float = 1e-3
   """Compares the layerwise and the jvp alignment on one random tangent.
 
   The layer check of `find_layer_calls` cannot see a parameter used outside
-  its layer's call (a tied kernel read from the variables, `nn.map_variables`),
-  which makes the layerwise alignment wrong; this comparison catches it.
+  its layer's call, such as a tied kernel read from the variables or
+  `nn.map_variables`. Such a use makes the layerwise alignment wrong, and this
+  comparison catches it.
 
   Returns:
     None when they agree within `rtol` of the largest alignment, else the reason.
@@ -225,8 +226,8 @@ def choose_alignment(requested: str, enabled: bool, loss_fn, params, batch_stats
 
   Returns:
     `(path, reason)`: 'layerwise' and None, or 'jvp' and why layerwise was not
-    taken; for `requested='layerwise'` on a model where it does not apply,
-    None and the reason.
+    taken. For `requested='layerwise'` on a model where it does not apply, the
+    path is None.
   """
   if requested == "auto" and not enabled:
     return "jvp", "the baselines score a batch before its backward pass"

@@ -145,25 +145,21 @@ def test_layerwise_jvp_before_backward_is_plain_jvp():
   )
 
 
-def test_batch_norm_model_is_not_layerwise():
-  params, batch_stats, loss_fn, _, _ = _problem(SmallCNN(num_classes=4, width=4, batch_norm=True))
+@pytest.mark.parametrize(
+  "model, message",
+  [
+    (SmallCNN(num_classes=4, width=4, batch_norm=True), "BatchNorm"),
+    (NormedMLP(), "LayerNorm_0/bias, LayerNorm_0/scale are not"),
+    (SubclassMLP(), "ReluDense_0/bias, ReluDense_0/kernel are not"),
+    (OffsetMLP(), "the output of Dense_1 does not"),
+  ],
+  ids=["batch_norm", "layer_norm", "dense_subclass", "no_batch_axis"],
+)
+def test_unsupported_model_is_named(model, message):
+  params, batch_stats, loss_fn, _, _ = _problem(model)
   calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
   assert calls is None
-  assert "BatchNorm" in reason
-
-
-def test_parameter_outside_dense_and_conv_is_named():
-  params, batch_stats, loss_fn, _, _ = _problem(NormedMLP())
-  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
-  assert calls is None
-  assert "LayerNorm_0/bias, LayerNorm_0/scale are not" in reason
-
-
-def test_dense_subclass_is_not_probed():
-  params, batch_stats, loss_fn, _, _ = _problem(SubclassMLP())
-  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
-  assert calls is None
-  assert "ReluDense_0/bias, ReluDense_0/kernel are not" in reason
+  assert message in reason
 
 
 def _step_outcome(model, alignment, reference="momentum"):
@@ -196,7 +192,7 @@ def test_layerwise_path_on_batch_norm_raises():
     _step_outcome(model, "layerwise")
 
 
-def test_auto_path_falls_back_to_jvp_with_batch_norm():
+def test_auto_batch_norm_uses_jvp():
   model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
   auto, jvp = _step_outcome(model, "auto"), _step_outcome(model, "jvp")
   assert float(jnp.max(jnp.abs(jvp.opt_state.log_lr))) > 0.0
@@ -210,13 +206,6 @@ def test_kernel_read_outside_call_is_caught():
   assert "differs from the jvp alignment" in layerwise.check_agreement(loss_fn, params, calls)
   assert layerwise.choose_alignment("auto", True, loss_fn, params, batch_stats)[0] == "jvp"
   assert layerwise.choose_alignment("layerwise", True, loss_fn, params, batch_stats)[0] is None
-
-
-def test_output_without_batch_axis_is_rejected():
-  params, batch_stats, loss_fn, _, _ = _problem(OffsetMLP())
-  calls, reason = layerwise.find_layer_calls(loss_fn, params, batch_stats)
-  assert calls is None
-  assert "the output of Dense_1 does not" in reason
 
 
 def test_lifted_layer_falls_back_to_jvp():
