@@ -98,6 +98,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Above 1 it is computed after every k-th update, so reference_at must stay
   # 'lookahead'.
   config.ddlr.reference_every_steps = 1
+  # BatchNorm statistics with the split reference: batch (the whole batch, as
+  # without per-instance rates) | half (each half on its own). With half the
+  # step is cheaper, and the other half's gradient is independent of the scored example.
+  config.ddlr.split_batch_stats = "batch"
   # Share of a batch kept as the pseudo-clean reference, lowest loss first. The
   # batch is one of reference_batch_size training instances for small_loss, and
   # each half of the training batch for small_loss_split. With

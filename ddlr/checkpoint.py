@@ -46,6 +46,10 @@ SAFE_TO_CHANGE = frozenset(
 # Fields of SAFE_TO_CHANGE that leave a finished run's results as they are:
 # a finished run differing from the new config only in these is reused.
 OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs", "train.stop_after_steps"}
+# Fields added to the config after runs were saved without them, each with the
+# value that trains as those runs did. A saved config that lacks one of these
+# fields is read as having that value.
+ADDED_FIELDS = {"ddlr.split_batch_stats": "batch"}
 
 
 class ResumeError(ValueError):
@@ -256,10 +260,12 @@ def _flatten(config: dict, prefix: str = "") -> dict:
 def config_differences(saved_config_path: str, config: ml_collections.ConfigDict) -> dict:
   """Returns {dotted field: (saved value, new value)} for every field that differs.
 
-  A field present in only one of the configs has the value '<missing>' in the other.
+  A field present in only one of the configs has the value '<missing>' in the
+  other, except that a saved config lacking a field of `ADDED_FIELDS` is read
+  as having that field's value.
   """
   with open(saved_config_path) as f:
-    saved = _flatten(json.load(f))
+    saved = {**ADDED_FIELDS, **_flatten(json.load(f))}
   new = _flatten(json.loads(config.to_json()))
   return {
     path: (saved.get(path, "<missing>"), new.get(path, "<missing>"))

@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
   _require_choice(config, "ddlr.reference", steps.REFERENCES)
   _require_choice(config, "ddlr.reference_at", steps.REFERENCE_POINTS)
+  _require_choice(config, "ddlr.split_batch_stats", steps.SPLIT_BATCH_STATS)
   _require_choice(config, "ddlr.alignment", alignment.ALIGNMENT_METHODS)
   _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)

@@ -47,6 +47,14 @@ REFERENCES = (
 # (exact for SGD), or the current ones (a first-order shortcut, one forward less).
 REFERENCE_POINTS = ("lookahead", "current")
 PRECONDITIONERS = ("identity", "adam")
+# BatchNorm statistics under the `split` reference. `batch` normalises the
+# whole batch together, as the update without per-instance rates does. This
+# couples the halves, so the step needs an extra VJP and a second tangent.
+# `half` normalises each half on its own (ghost batches of B/2). Then each
+# half's gradient is independent of the examples it scores, and the step
+# costs about as much as with the `momentum` reference. Models without
+# BatchNorm give the same step with either.
+SPLIT_BATCH_STATS = ("batch", "half")
 
 
 class TrainState(struct.PyTreeNode):
@@ -94,6 +102,7 @@ class StepSettings:
   # calls `refresh_reference_direction` after every k-th update, at the
   # parameters that update produced, and `reference_at` does not apply.
   reference_every_steps: int = 1
+  split_batch_stats: str = "batch"
   # True: one jax.linearize gives the losses, the gradient (its transpose) and
   # the alignment (its JVP). False: jax.vjp for the gradient and a separate
   # jax.jvp, which repeats the forward pass; kept to test and benchmark.
@@ -188,11 +197,14 @@ def train_step(
 
   reference_direction = state.reference_direction
   baseline_state = state.baseline_state
-  if settings.enabled and settings.reference == "split" and not state.batch_stats:
-    losses, logits, grads, alignment = _split_by_halves(
+  if (
+    settings.enabled
+    and settings.reference == "split"
+    and (not state.batch_stats or settings.split_batch_stats == "half")
+  ):
+    losses, logits, grads, alignment, batch_stats = _split_by_halves(
       state, images, labels, rates, model=model, settings=settings
     )
-    batch_stats = state.batch_stats
   else:
     loss_fn = make_loss_fn(model, state.batch_stats, images, labels, temperatures)
     lin = _differentiate(loss_fn, state, settings)
@@ -293,20 +305,25 @@ def _differentiate(loss_fn, state, settings) -> alignment_lib.LinearizedLosses:
 def _split_by_halves(state, images, labels, rates, *, model, settings):
   """Computes the `split` reference with one pass per half instead of an extra VJP.
 
-  Without BatchNorm each example's loss depends on its own input only, so the
-  two halves can be linearised separately: each half's VJP gives its
-  gradient sum and each half's JVP scores it against the other half, which
-  costs the same as one full-batch forward, backward and JVP. With BatchNorm
-  the halves would be normalised separately, so `compute_batch_alignment`
-  handles that case on the full batch.
+  When each half's losses depend on that half's inputs only (no BatchNorm, or
+  `split_batch_stats='half'`), the two halves can be linearised separately:
+  each half's VJP gives its gradient sum and each half's JVP scores it
+  against the other half, which costs the same as one full-batch forward,
+  backward and JVP. With BatchNorm over the whole batch,
+  `compute_batch_alignment` handles the split on the full batch instead.
 
   Returns:
-    The per-example losses, logits, the weighted mean gradient and the alignment.
+    The per-example losses, logits, the weighted mean gradient, the alignment
+    and the new BatchNorm running statistics: with BatchNorm, the mean of the
+    two halves' updates, which is one update with the mean of their batch
+    statistics.
   """
   batch_size, half = labels.shape[0], labels.shape[0] // 2
   parts = (slice(0, half), slice(half, batch_size))
   lins = [
-    _differentiate(make_loss_fn(model, {}, images[part], labels[part]), state, settings)
+    _differentiate(
+      make_loss_fn(model, state.batch_stats, images[part], labels[part]), state, settings
+    )
     for part in parts
   ]
   backward = [
@@ -331,7 +348,8 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
   )
   losses = jnp.concatenate([lin.losses for lin in lins])
   logits = jnp.concatenate([lin.aux[0] for lin in lins])
-  return losses, logits, grads, alignment
+  batch_stats = jax.tree.map(lambda a, b: (a + b) / 2, lins[0].aux[1], lins[1].aux[1])
+  return losses, logits, grads, alignment, batch_stats
 
 
 def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:

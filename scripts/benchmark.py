@@ -51,6 +51,7 @@ flags.DEFINE_list(
   ],
   "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, layerwise, vmap or "
   "direct-jvp (jax.vjp plus a separate jax.jvp) and k the reference refresh interval. "
+  "Reference 'split-half' is 'split' with split_batch_stats='half'. "
   "layerwise needs a model without BatchNorm. vmap forms B per-example gradients, so its "
   "steps take minutes on a CPU.",
 )
@@ -81,10 +82,19 @@ def parse_variant(name: str) -> Variant:
     return Variant(name, steps.StepSettings(enabled=False))
   path, _, reference = name.partition("/")
   reference, _, every = reference.partition("@")
-  if path not in ("jvp", "vmap", "layerwise", "direct-jvp") or reference not in steps.REFERENCES:
+  split_batch_stats = "batch"
+  if reference == "split-half":
+    reference, split_batch_stats = "split", "half"
+  valid_every = not every or (every.isdigit() and int(every) >= 1)
+  if (
+    path not in ("jvp", "vmap", "layerwise", "direct-jvp")
+    or reference not in steps.REFERENCES
+    or not valid_every
+  ):
     raise ValueError(f"invalid variant {name!r}; see --helpfull for the format.")
   settings = steps.StepSettings(
     reference=reference,
+    split_batch_stats=split_batch_stats,
     alignment="jvp" if path == "direct-jvp" else path,
     linearize=path != "direct-jvp",
     reference_every_steps=int(every or 1),

@@ -244,3 +244,15 @@ def test_extended_run_sets_summary_aside(tmp_path):
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     extended = sweep.run_or_load(tiny_config(**{"train.num_epochs": 2}), str(tmp_path))
   assert len(extended["test_accuracy_per_epoch"]) == 2
+
+
+def test_added_field_missing_reads_old_value(tmp_path):
+  config = tiny_config()
+  saved = json.loads(config.to_json())
+  del saved["ddlr"]["split_batch_stats"]
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(saved))
+  assert checkpoint.config_differences(str(path), config) == {}
+  config.ddlr.split_batch_stats = "half"
+  with pytest.raises(checkpoint.ResumeError, match=r"split_batch_stats: 'batch' -> 'half'"):
+    checkpoint.check_resumable_config(str(path), config)

@@ -221,7 +221,8 @@ def test_reused_reference_gradient_is_cached():
   assert float(jnp.max(jnp.abs(after.opt_state.log_lr))) > 0.0
 
 
-def test_split_with_batch_norm_uses_coupled_gradients():
+def _batch_norm_step(split_batch_stats):
+  """Returns a BatchNorm model, its data, a split-reference state and that state after one step."""
   model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
   _, data, _ = _setup()
   variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
@@ -236,19 +237,79 @@ def test_split_with_batch_norm_uses_coupled_gradients():
     step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
     opt_state=tx.init(params), rng=jax.random.key(1),
   )  # fmt: skip
-  settings = steps.StepSettings(reference="split", normalize=False)
-  ids = jnp.array([3, 11, 0, 7, 14, 5])
+  settings = steps.StepSettings(
+    reference="split", normalize=False, split_batch_stats=split_batch_stats
+  )
   new_state, _ = jax.jit(
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings)
-  )(state, data, ids)
+  )(state, data, SPLIT_IDS)
+  return model, data, state, new_state
 
-  # Per-example gradients of the batch-coupled losses, as BatchNorm computes them.
-  loss_fn = steps.make_loss_fn(model, batch_stats, data.train_images[ids], data.train_labels[ids])
+
+SPLIT_IDS = jnp.array([3, 11, 0, 7, 14, 5])
+
+
+def _flat_jacobian(model, batch_stats, params, images, labels):
+  loss_fn = steps.make_loss_fn(model, batch_stats, images, labels)
   jacobian = jax.jit(jax.jacrev(lambda p: loss_fn(p)[0]))(params)
-  flat = jnp.concatenate([g.reshape(BATCH_SIZE, -1) for g in jax.tree.leaves(jacobian)], 1)
-  weighted = flat  # rates are 1 at the start
-  first, second = weighted[:3].mean(0), weighted[3:].mean(0)
+  return jnp.concatenate([g.reshape(labels.shape[0], -1) for g in jax.tree.leaves(jacobian)], 1)
+
+
+def test_split_with_batch_norm_uses_coupled_gradients():
+  model, data, state, new_state = _batch_norm_step("batch")
+  # Per-example gradients of the batch-coupled losses, as BatchNorm computes them.
+  flat = _flat_jacobian(
+    model, state.batch_stats, state.params, data.train_images[SPLIT_IDS],
+    data.train_labels[SPLIT_IDS],
+  )  # fmt: skip
+  first, second = flat[:3].mean(0), flat[3:].mean(0)  # rates are 1 at the start
   alignment = jnp.concatenate([flat[:3] @ second, flat[3:] @ first])
   expected_step = (ETA / BATCH_SIZE) * alignment
-  computed_step = new_state.opt_state.log_lr[ids] - state.opt_state.log_lr[ids]
+  computed_step = new_state.opt_state.log_lr[SPLIT_IDS] - state.opt_state.log_lr[SPLIT_IDS]
   np.testing.assert_allclose(computed_step, expected_step, rtol=1e-4, atol=1e-7)
+
+
+def test_split_per_half_batch_norm():
+  model, data, state, new_state = _batch_norm_step("half")
+  halves = (SPLIT_IDS[:3], SPLIT_IDS[3:])
+  # Each half normalised with its own statistics, as its own batch.
+  flats = [
+    _flat_jacobian(
+      model, state.batch_stats, state.params, data.train_images[h], data.train_labels[h]
+    )
+    for h in halves
+  ]
+  first, second = flats[0].mean(0), flats[1].mean(0)  # rates are 1 at the start
+  alignment = jnp.concatenate([flats[0] @ second, flats[1] @ first])
+  # The coupled alignment differs, so this test separates the two settings.
+  coupled = _batch_norm_step("batch")[3].opt_state.log_lr[SPLIT_IDS]
+  assert float(jnp.max(jnp.abs(coupled - new_state.opt_state.log_lr[SPLIT_IDS]))) > 1e-4
+  computed_step = new_state.opt_state.log_lr[SPLIT_IDS] - state.opt_state.log_lr[SPLIT_IDS]
+  np.testing.assert_allclose(computed_step, (ETA / BATCH_SIZE) * alignment, rtol=1e-4, atol=1e-7)
+
+  # The update is the mean of the two halves' gradients, and the running
+  # statistics move by the mean of the halves' own updates.
+  expected_params = jax.tree.map(
+    lambda p, g: p - ETA * g, state.params, _unflatten((first + second) / 2, state.params)
+  )
+  for got, want in zip(
+    jax.tree.leaves(new_state.params), jax.tree.leaves(expected_params), strict=True
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  half_stats = []
+  for h in halves:
+    images, labels = data.train_images[h], data.train_labels[h]
+    _, (_, stats) = steps.make_loss_fn(model, state.batch_stats, images, labels)(state.params)
+    half_stats.append(stats)
+  expected_stats = jax.tree.map(lambda a, b: (a + b) / 2, *half_stats)
+  for got, want in zip(
+    jax.tree.leaves(new_state.batch_stats), jax.tree.leaves(expected_stats), strict=True
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _unflatten(flat, like):
+  leaves, treedef = jax.tree.flatten(like)
+  sizes = np.cumsum([leaf.size for leaf in leaves])[:-1]
+  parts = jnp.split(flat, sizes)
+  return treedef.unflatten([p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)])

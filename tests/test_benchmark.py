@@ -1,0 +1,44 @@
+"""The benchmark script: its variant names and one tiny run end to end."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from scripts import benchmark
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_variant_names_parse():
+  split_half = benchmark.parse_variant("jvp/split-half").settings
+  assert split_half.reference == "split"
+  assert split_half.split_batch_stats == "half"
+  assert benchmark.parse_variant("jvp/split").settings.split_batch_stats == "batch"
+  cached = benchmark.parse_variant("layerwise/reference@4").settings
+  assert cached.reference_every_steps == 4
+  assert cached.alignment == "layerwise"
+  assert not benchmark.parse_variant("uniform").settings.enabled
+  assert not benchmark.parse_variant("direct-jvp/momentum").settings.linearize
+
+
+@pytest.mark.parametrize("name", ["jvp/oracle", "exact/momentum", "jvp", "jvp/reference@0", "jvp/reference@x"])
+def test_invalid_variant_raises(name):
+  with pytest.raises(ValueError, match=f"invalid variant '{name}'"):
+    benchmark.parse_variant(name)
+
+
+def test_tiny_benchmark_prints_ratios():
+  command = [
+    sys.executable, "-m", "scripts.benchmark", "--model=small_cnn", "--width=2",
+    "--batch_size=8", "--steps=2", "--warmup=0", "--variants=uniform,jvp/split-half",
+  ]  # fmt: skip
+  result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr
+  rows = [line for line in result.stdout.splitlines() if line.startswith("| jvp/split-half")]
+  assert len(rows) == 1
+  cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+  assert cells[2].endswith("x")
+  assert float(cells[2][:-1]) > 0
+  assert "device: cpu" in result.stdout
