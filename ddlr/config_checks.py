@@ -113,6 +113,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "is computed after every k-th update, at the parameters it produced. Set "
       "reference_at='lookahead' or reference_every_steps=1."
     )
+  if config.ddlr.split_batch_stats == "half" and config.ddlr.reference != "split":
+    raise ConfigError(
+      f"config.ddlr.split_batch_stats='half' applies only to reference='split', got "
+      f"reference={config.ddlr.reference!r}. Set split_batch_stats='batch' or reference='split'."
+    )
   if config.ddlr.enabled and config.ddlr.reference in ("split", "small_loss_split"):
     if config.train.batch_size < 2:
       raise ConfigError(

@@ -68,6 +68,7 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
     ("ddlr.reference", "oracle", r"config.ddlr.reference='oracle' is invalid"),
     ("ddlr.alignment", "exact", r"config.ddlr.alignment='exact' is invalid"),
     ("ddlr.split_batch_stats", "ghost", r"config.ddlr.split_batch_stats='ghost' is invalid"),
+    ("ddlr.split_batch_stats", "half", r"'half' applies only to reference='split', got reference="),
     ("optimizer.name", "lion", r"config.optimizer.name='lion' is invalid"),
     ("train.batch_size", 0, r"config.train.batch_size=0 is invalid"),
     ("model.width", 0, r"config.model.width=0 is invalid; expected a value >= 1"),
