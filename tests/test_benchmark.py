@@ -23,7 +23,9 @@ def test_variant_names_parse():
   assert not benchmark.parse_variant("direct-jvp/momentum").settings.linearize
 
 
-@pytest.mark.parametrize("name", ["jvp/oracle", "exact/momentum", "jvp", "jvp/reference@0", "jvp/reference@x"])
+@pytest.mark.parametrize(
+  "name", ["jvp/oracle", "exact/momentum", "jvp", "jvp/reference@0", "jvp/reference@x"]
+)
 def test_invalid_variant_raises(name):
   with pytest.raises(ValueError, match=f"invalid variant '{name}'"):
     benchmark.parse_variant(name)
