@@ -256,3 +256,26 @@ def test_added_field_missing_reads_old_value(tmp_path):
   config.ddlr.split_batch_stats = "half"
   with pytest.raises(checkpoint.ResumeError, match=r"split_batch_stats: 'batch' -> 'half'"):
     checkpoint.check_resumable_config(str(path), config)
+
+
+def test_split_half_resume_is_bit_identical(tmp_path):
+  overrides = {
+    "model.batch_norm": True,
+    "ddlr.reference": "split",
+    "ddlr.split_batch_stats": "half",
+    "ddlr.reference_every_steps": 1,  # only the reference-split gradient is reused
+  }
+  run_on_mock(_config(**overrides), tmp_path / "uninterrupted")
+  stopped = run_on_mock(_config(**overrides, **{"train.stop_after_steps": 7}), tmp_path / "resumed")
+  assert stopped == {"completed": False, "step": 7}
+  run_on_mock(_config(**overrides), tmp_path / "resumed")
+
+  state, _ = latest_state(tmp_path / "resumed", _config(**overrides))
+  reference_state, _ = latest_state(tmp_path / "uninterrupted", _config(**overrides))
+  _assert_bit_identical(state, reference_state)
+  # `_assert_bit_identical` leaves out the BatchNorm running statistics.
+  stats = jax.tree.leaves(state.batch_stats)
+  reference_stats = jax.tree.leaves(reference_state.batch_stats)
+  assert len(stats) == 4
+  for a, b in zip(stats, reference_stats, strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -182,3 +182,18 @@ def test_run_and_report_writes_grouped_table(tmp_path):
     "| uniform | 0.5000 |",
     "| ddlr | 0.5000 |",
   ]
+
+
+def test_run_saved_before_added_field_is_reused(tmp_path):
+  config = default.get_config("quick")
+  saved = json.loads(config.to_json())
+  del saved["ddlr"]["split_batch_stats"]
+  tmp_path.joinpath("config.json").write_text(json.dumps(saved))
+  tmp_path.joinpath("summary.json").write_text(json.dumps({"auroc": 0.5}))
+  # Training would fail here, as there are no checkpoints.
+  assert sweep.run_or_load(config, str(tmp_path)) == {"auroc": 0.5}
+
+  config.ddlr.reference = "split"
+  config.ddlr.split_batch_stats = "half"
+  with pytest.raises(checkpoint.ResumeError, match=r"split_batch_stats: 'batch' -> 'half'"):
+    sweep.run_or_load(config, str(tmp_path))

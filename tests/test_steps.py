@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -313,3 +314,122 @@ def _unflatten(flat, like):
   sizes = np.cumsum([leaf.size for leaf in leaves])[:-1]
   parts = jnp.split(flat, sizes)
   return treedef.unflatten([p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)])
+
+
+class _HalvesModel(nn.Module):
+  """Applies `inner` to each half of a training batch separately, as BatchNorm ghost batches."""
+
+  inner: nn.Module
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    if not train:
+      return self.inner(x, train=False)
+    half = x.shape[0] // 2
+    return jnp.concatenate([self.inner(x[:half], train=True), self.inner(x[half:], train=True)])
+
+
+ODD_IDS = jnp.array([3, 11, 0, 7, 14, 5, 9])
+
+
+def _batch_norm_state(params, batch_stats, *, adam=False, class_rates=False):
+  base = optax.adam(1e-2) if adam else optax.sgd(ETA)
+  tx = optim.ddlr(
+    base, num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
+    log_lr_min=-50.0, log_lr_max=50.0, num_classes=3 if class_rates else None,
+    class_hyper_learning_rate=0.5 if class_rates else None,
+  )  # fmt: skip
+  opt_state = tx.init(params)
+  opt_state = opt_state._replace(
+    log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
+  )
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
+    opt_state=opt_state, rng=jax.random.key(1),
+  )  # fmt: skip
+  return tx, state
+
+
+SPLIT_HALF_CASES = {
+  "odd batch": dict(ids=ODD_IDS),
+  "adam": dict(adam=True),
+  "class rates": dict(class_rates=True),
+  "crop and flip": dict(augmentation="crop_flip"),
+  "streamed odd batch": dict(ids=ODD_IDS, stream=True),
+  "direct jvp": dict(linearize=False),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLIT_HALF_CASES))
+def test_split_half_matches_halves_model(case):
+  options = {"ids": SPLIT_IDS, "adam": False, "class_rates": False, "augmentation": "none",
+             "stream": False, "linearize": True, **SPLIT_HALF_CASES[case]}  # fmt: skip
+  model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
+  _, data, _ = _setup()
+  variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
+    jax.random.key(4)
+  )
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  ids = options["ids"]
+  batch = None
+  if options["stream"]:
+    batch = (data.train_images[ids], data.train_labels[ids])
+    data = data.replace(train_images=data.train_images[:0], train_labels=data.train_labels[:0])
+
+  def run(step_model, step_params, step_stats, split_batch_stats):
+    tx, state = _batch_norm_state(
+      step_params, step_stats, adam=options["adam"], class_rates=options["class_rates"]
+    )
+    settings = steps.StepSettings(
+      reference="split", split_batch_stats=split_batch_stats, class_rates=options["class_rates"],
+      preconditioner="adam" if options["adam"] else "identity",
+      augmentation=options["augmentation"], linearize=options["linearize"],
+    )  # fmt: skip
+    step = jax.jit(functools.partial(steps.train_step, model=step_model, tx=tx, settings=settings))
+    for _ in range(2):  # the second step has non-zero optimizer statistics
+      state, _ = step(state, data, ids, batch)
+    return state
+
+  # The coupled split path on a model that normalises each half on its own
+  # computes what 'half' must compute, by a different route.
+  half = run(model, params, batch_stats, "half")
+  expected = run(_HalvesModel(model), {"inner": params}, {"inner": batch_stats}, "batch")
+
+  # The biases before BatchNorm have gradients of rounding size, which Adam and
+  # its preconditioner divide by second moments of rounding size.
+  rtol = 2e-3 if options["adam"] else 1e-4
+  assert float(jnp.max(jnp.abs(half.opt_state.log_lr[ids]))) > 0.0
+  np.testing.assert_allclose(half.opt_state.log_lr, expected.opt_state.log_lr, rtol=rtol, atol=1e-6)
+  if options["class_rates"]:
+    np.testing.assert_allclose(
+      half.opt_state.class_log_lr, expected.opt_state.class_log_lr, rtol=1e-4, atol=1e-6
+    )
+  if not options["adam"]:
+    for got, want in zip(
+      jax.tree.leaves(half.params), jax.tree.leaves(expected.params["inner"]), strict=True
+    ):
+      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_split_half_odd_batch_running_mean():
+  model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
+  _, data, _ = _setup()
+  variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
+    jax.random.key(4)
+  )
+  after = {}
+  for split_batch_stats in ("batch", "half"):
+    tx, state = _batch_norm_state(variables["params"], variables["batch_stats"])
+    settings = steps.StepSettings(reference="split", split_batch_stats=split_batch_stats)
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+    after[split_batch_stats], _ = step(state, data, ODD_IDS)
+
+  # The first BatchNorm's input does not depend on any normalisation, so with
+  # halves of 3 and 4 examples its running mean should still move towards the
+  # mean over all 7, as with the whole batch. An unweighted mean of the two
+  # halves' updates gives each example of the smaller half more weight.
+  np.testing.assert_allclose(
+    after["half"].batch_stats["BatchNorm_0"]["mean"],
+    after["batch"].batch_stats["BatchNorm_0"]["mean"],
+    rtol=1e-5, atol=1e-7,
+  )  # fmt: skip
