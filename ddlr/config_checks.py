@@ -50,8 +50,11 @@ def _check_small_loss(config) -> None:
     raise ConfigError(
       f"config.ddlr.small_loss_per_class={per_class!r} is invalid; expected True or False."
     )
+
+
+def _check_reuse(config) -> None:
   reference = config.ddlr.reference
-  if reference in ("small_loss", "small_loss_split") and config.ddlr.reference_every_steps != 1:
+  if reference != "reference" and config.ddlr.reference_every_steps != 1:
     raise ConfigError(
       f"config.ddlr.reference_every_steps={config.ddlr.reference_every_steps} is invalid "
       f"with config.ddlr.reference={reference!r}; only 'reference' reuses its gradient, "
@@ -87,6 +90,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
   _require_range(config, "ddlr.reference_every_steps", 1, integer=True)
   _check_small_loss(config)
+  _check_reuse(config)
   _require_range(config, "ddlr.hyper_learning_rate", 0.0)
   _require_range(config, "ddlr.hyper_momentum", 0.0, 1.0)
   if config.ddlr.hyper_momentum == 1.0:

@@ -50,10 +50,11 @@ PRECONDITIONERS = ("identity", "adam")
 # BatchNorm statistics under the `split` reference. `batch` normalises the
 # whole batch together, as the update without per-instance rates does. This
 # couples the halves, so the step needs an extra VJP and a second tangent.
-# `half` normalises each half on its own (ghost batches of B/2). Then each
-# half's gradient is independent of the examples it scores, and the step
-# costs about as much as with the `momentum` reference. Models without
-# BatchNorm give the same step with either.
+# `half` normalises each half on its own (ghost batches of B // 2 and
+# B - B // 2 examples). Then each half's gradient is independent of the
+# examples it scores, and the step costs about as much as with the
+# `momentum` reference. Models without BatchNorm give the same step with
+# either, and runs without per-instance rates always use `batch`.
 SPLIT_BATCH_STATS = ("batch", "half")
 
 
@@ -314,9 +315,9 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
 
   Returns:
     The per-example losses, logits, the weighted mean gradient, the alignment
-    and the new BatchNorm running statistics: with BatchNorm, the mean of the
-    two halves' updates, which is one update with the mean of their batch
-    statistics.
+    and the new BatchNorm running statistics: with BatchNorm, the two halves'
+    updates averaged with weights proportional to their sizes, which is one
+    update with the size-weighted mean of their batch statistics.
   """
   batch_size, half = labels.shape[0], labels.shape[0] // 2
   parts = (slice(0, half), slice(half, batch_size))
@@ -348,7 +349,11 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
   )
   losses = jnp.concatenate([lin.losses for lin in lins])
   logits = jnp.concatenate([lin.aux[0] for lin in lins])
-  batch_stats = jax.tree.map(lambda a, b: (a + b) / 2, lins[0].aux[1], lins[1].aux[1])
+  # Weighted by size, so with an odd batch each example counts once, as
+  # with statistics of the whole batch.
+  batch_stats = jax.tree.map(
+    lambda a, b: (half * a + (batch_size - half) * b) / batch_size, lins[0].aux[1], lins[1].aux[1]
+  )
   return losses, logits, grads, alignment, batch_stats
 
 

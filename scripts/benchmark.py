@@ -32,6 +32,9 @@ from ddlr.models import create_model
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small_cnn", "Model name from ddlr.models.MODELS.")
 flags.DEFINE_integer("width", 0, "Model width; 0 keeps the model's default.")
+flags.DEFINE_bool(
+  "batch_norm", False, "Add BatchNorm to a model that offers it as an option (small_cnn)."
+)
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("steps", 32, "Timed steps per variant; the table gives their mean.")
 flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after compilation.")
@@ -51,7 +54,8 @@ flags.DEFINE_list(
   ],
   "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, layerwise, vmap or "
   "direct-jvp (jax.vjp plus a separate jax.jvp) and k the reference refresh interval. "
-  "Reference 'split-half' is 'split' with split_batch_stats='half'. "
+  "Reference 'split-half' is 'split' with split_batch_stats='half', which differs from "
+  "'split' only on a model with BatchNorm. "
   "layerwise needs a model without BatchNorm. vmap forms B per-example gradients, so its "
   "steps take minutes on a CPU.",
 )
@@ -85,7 +89,11 @@ def parse_variant(name: str) -> Variant:
   split_batch_stats = "batch"
   if reference == "split-half":
     reference, split_batch_stats = "split", "half"
-  valid_every = not every or (every.isdigit() and int(every) >= 1)
+  has_every = "@" in name
+  # Only the `reference` reference reuses its gradient between refreshes.
+  valid_every = not has_every or (
+    every.isdecimal() and int(every) >= 1 and reference == "reference"
+  )
   if (
     path not in ("jvp", "vmap", "layerwise", "direct-jvp")
     or reference not in steps.REFERENCES
@@ -212,7 +220,10 @@ def main(argv):
     config.width = FLAGS.width
   else:
     del config.width
-  del config.batch_norm
+  if FLAGS.batch_norm:
+    config.batch_norm = True
+  else:
+    del config.batch_norm
   model = create_model(config, NUM_CLASSES)
   shape = INPUT_SHAPES.get(FLAGS.model, DEFAULT_INPUT_SHAPE)
   rng = np.random.default_rng(0)

@@ -24,7 +24,17 @@ def test_variant_names_parse():
 
 
 @pytest.mark.parametrize(
-  "name", ["jvp/oracle", "exact/momentum", "jvp", "jvp/reference@0", "jvp/reference@x"]
+  "name",
+  [
+    "jvp/oracle",
+    "exact/momentum",
+    "jvp",
+    "jvp/reference@0",
+    "jvp/reference@x",
+    "jvp/reference@",
+    "jvp/reference@²",
+    "jvp/split-half@4",
+  ],
 )
 def test_invalid_variant_raises(name):
   with pytest.raises(ValueError, match=f"invalid variant '{name}'"):
@@ -34,13 +44,21 @@ def test_invalid_variant_raises(name):
 def test_tiny_benchmark_prints_ratios():
   command = [
     sys.executable, "-m", "scripts.benchmark", "--model=small_cnn", "--width=2",
-    "--batch_size=8", "--steps=2", "--warmup=0", "--variants=uniform,jvp/split-half",
+    "--batch_norm", "--batch_size=8", "--steps=2", "--warmup=0",
+    "--variants=uniform,jvp/split,jvp/split-half",
   ]  # fmt: skip
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
-  rows = [line for line in result.stdout.splitlines() if line.startswith("| jvp/split-half")]
-  assert len(rows) == 1
-  cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
-  assert cells[2].endswith("x")
-  assert float(cells[2][:-1]) > 0
   assert "device: cpu" in result.stdout
+  rows = {}
+  for line in result.stdout.splitlines():
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    if cells[0] in ("jvp/split", "jvp/split-half"):
+      rows[cells[0]] = cells
+  assert set(rows) == {"jvp/split", "jvp/split-half"}
+  time_ratio = rows["jvp/split-half"][2]
+  assert time_ratio.endswith("x")
+  assert float(time_ratio[:-1]) > 0
+  # With BatchNorm, per-half statistics skip the second VJP and tangent.
+  flop_ratios = {name: float(cells[4][:-1]) for name, cells in rows.items()}
+  assert flop_ratios["jvp/split-half"] < flop_ratios["jvp/split"]

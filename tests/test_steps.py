@@ -222,22 +222,43 @@ def test_reused_reference_gradient_is_cached():
   assert float(jnp.max(jnp.abs(after.opt_state.log_lr))) > 0.0
 
 
-def _batch_norm_step(split_batch_stats):
-  """Returns a BatchNorm model, its data, a split-reference state and that state after one step."""
+@functools.cache
+def _batch_norm_setup():
+  """Returns a small CNN with BatchNorm, the test data, its parameters and running statistics."""
   model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
   _, data, _ = _setup()
   variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
     jax.random.key(4)
   )
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  return model, data, variables["params"], variables["batch_stats"]
+
+
+def _batch_norm_state(
+  params, batch_stats, *, adam=False, class_rates=False, normalize=True, initial_rates="random"
+):
+  """Returns a ddlr optimizer and a train state with `batch_stats`, rates random or all 1."""
+  base = optax.adam(1e-2) if adam else optax.sgd(ETA)
   tx = optim.ddlr(
-    optax.sgd(ETA), num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
-    log_lr_min=-50.0, log_lr_max=50.0, normalize=False,
+    base, num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
+    log_lr_min=-50.0, log_lr_max=50.0, num_classes=3 if class_rates else None,
+    class_hyper_learning_rate=0.5 if class_rates else None, normalize=normalize,
   )  # fmt: skip
+  opt_state = tx.init(params)
+  if initial_rates == "random":
+    opt_state = opt_state._replace(
+      log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
+    )
   state = steps.TrainState(
     step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-    opt_state=tx.init(params), rng=jax.random.key(1),
+    opt_state=opt_state, rng=jax.random.key(1),
   )  # fmt: skip
+  return tx, state
+
+
+def _batch_norm_step(split_batch_stats):
+  """Returns a BatchNorm model, its data, a split-reference state and that state after one step."""
+  model, data, params, batch_stats = _batch_norm_setup()
+  tx, state = _batch_norm_state(params, batch_stats, normalize=False, initial_rates="ones")
   settings = steps.StepSettings(
     reference="split", normalize=False, split_batch_stats=split_batch_stats
   )
@@ -332,44 +353,19 @@ class _HalvesModel(nn.Module):
 ODD_IDS = jnp.array([3, 11, 0, 7, 14, 5, 9])
 
 
-def _batch_norm_state(params, batch_stats, *, adam=False, class_rates=False):
-  base = optax.adam(1e-2) if adam else optax.sgd(ETA)
-  tx = optim.ddlr(
-    base, num_instances=NUM_INSTANCES, learning_rate=ETA, hyper_learning_rate=1.0,
-    log_lr_min=-50.0, log_lr_max=50.0, num_classes=3 if class_rates else None,
-    class_hyper_learning_rate=0.5 if class_rates else None,
-  )  # fmt: skip
-  opt_state = tx.init(params)
-  opt_state = opt_state._replace(
-    log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
-  )
-  state = steps.TrainState(
-    step=jnp.zeros([], jnp.int32), params=params, batch_stats=batch_stats,
-    opt_state=opt_state, rng=jax.random.key(1),
-  )  # fmt: skip
-  return tx, state
-
-
 SPLIT_HALF_CASES = {
   "odd batch": dict(ids=ODD_IDS),
   "adam": dict(adam=True),
   "class rates": dict(class_rates=True),
-  "crop and flip": dict(augmentation="crop_flip"),
   "streamed odd batch": dict(ids=ODD_IDS, stream=True),
-  "direct jvp": dict(linearize=False),
 }
 
 
 @pytest.mark.parametrize("case", list(SPLIT_HALF_CASES))
 def test_split_half_matches_halves_model(case):
-  options = {"ids": SPLIT_IDS, "adam": False, "class_rates": False, "augmentation": "none",
-             "stream": False, "linearize": True, **SPLIT_HALF_CASES[case]}  # fmt: skip
-  model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
-  _, data, _ = _setup()
-  variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
-    jax.random.key(4)
-  )
-  params, batch_stats = variables["params"], variables["batch_stats"]
+  options = {"ids": SPLIT_IDS, "adam": False, "class_rates": False, "stream": False}
+  options.update(SPLIT_HALF_CASES[case])
+  model, data, params, batch_stats = _batch_norm_setup()
   ids = options["ids"]
   batch = None
   if options["stream"]:
@@ -383,7 +379,6 @@ def test_split_half_matches_halves_model(case):
     settings = steps.StepSettings(
       reference="split", split_batch_stats=split_batch_stats, class_rates=options["class_rates"],
       preconditioner="adam" if options["adam"] else "identity",
-      augmentation=options["augmentation"], linearize=options["linearize"],
     )  # fmt: skip
     step = jax.jit(functools.partial(steps.train_step, model=step_model, tx=tx, settings=settings))
     for _ in range(2):  # the second step has non-zero optimizer statistics
@@ -412,14 +407,10 @@ def test_split_half_matches_halves_model(case):
 
 
 def test_split_half_odd_batch_running_mean():
-  model = SmallCNN(num_classes=3, width=2, hidden=8, batch_norm=True)
-  _, data, _ = _setup()
-  variables = jax.jit(lambda k: model.init(k, data.train_images[:2], train=False))(
-    jax.random.key(4)
-  )
+  model, data, params, batch_stats = _batch_norm_setup()
   after = {}
   for split_batch_stats in ("batch", "half"):
-    tx, state = _batch_norm_state(variables["params"], variables["batch_stats"])
+    tx, state = _batch_norm_state(params, batch_stats)
     settings = steps.StepSettings(reference="split", split_batch_stats=split_batch_stats)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
     after[split_batch_stats], _ = step(state, data, ODD_IDS)

@@ -90,6 +90,14 @@ def test_reused_reference_rejects_current_point():
     validate_config(config)
 
 
+@pytest.mark.parametrize("reference", ["split", "momentum", "batch"])
+def test_reuse_needs_reference_split(reference):
+  config = tiny_config(**{"ddlr.reference_every_steps": 4, "ddlr.reference": reference})
+  message = f"reference_every_steps=4 is invalid with config.ddlr.reference='{reference}'"
+  with pytest.raises(ConfigError, match=message):
+    validate_config(config)
+
+
 def test_workdir_that_is_a_file_raises(tmp_path):
   path = tmp_path / "file"
   path.write_text("")
