@@ -6,10 +6,12 @@ r"""Times a ddlr train step against a uniform one, side by side in one process.
 
 For one model, batch and random data held on the device, every variant's
 jitted train step is compiled, warmed up, and timed step by step (each step
-waits for its result); the variants take turns in two rounds of consecutive
-steps so that load changes on the machine affect them alike. It prints, per variant, the
-mean step time, its ratio to the uniform step (SGD with momentum, same model
-and batch), and three figures of XLA's analysis of the compiled step with
+waits for its result); the variants take turns in `--rounds` rounds of
+consecutive steps so that load changes on the machine affect them alike. It
+prints, per variant, the mean step time, its ratio to the uniform step (SGD
+with momentum, same model and batch: the median over rounds of the ratio of
+the two means within a round, with the lowest and highest in brackets), and
+three figures of XLA's analysis of the compiled step with
 their ratios to the uniform step's: floating-point operations, the temporary
 (working) memory, and the peak, which adds the train state and outputs but
 not the shared dataset.
@@ -17,6 +19,7 @@ not the shared dataset.
 
 import dataclasses
 import functools
+import math
 import sys
 import time
 
@@ -37,7 +40,10 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
 flags.DEFINE_integer("steps", 32, "Timed steps per variant; the table gives their mean.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps per variant after compilation.")
+flags.DEFINE_integer("warmup", 3, "Untimed steps per variant and round.")
+flags.DEFINE_integer(
+  "rounds", 4, "Rounds in which the variants take turns; the steps are shared out among them."
+)
 flags.DEFINE_list(
   "variants",
   [
@@ -182,12 +188,14 @@ def compiled_memory(compiled, device_data) -> dict[str, int | None]:
   return {"temp": analysis.temp_size_in_bytes, "peak": peak, "flops": flops}
 
 
-def time_variants(variants, model, device_data) -> dict[str, list[float]]:
-  """Returns each variant's step times in seconds and its compiled temporary memory.
+def time_variants(variants, model, device_data):
+  """Returns each variant's step times in seconds, one list per round, and its memory figures.
 
   Each round runs every variant for a block of consecutive steps, warm-up
   steps first, so a large variant (vmap) does not evict the caches of the step
   timed after it, while load changes between rounds still affect all alike.
+  A round's timed steps are a multiple of every variant's refresh interval
+  k, so each round holds the same share of refresh steps.
   """
   built = {variant.name: build_step(variant, model, device_data) for variant in variants}
   states = {name: entry[1] for name, entry in built.items()}
@@ -195,17 +203,23 @@ def time_variants(variants, model, device_data) -> dict[str, list[float]]:
     jnp.asarray(np.random.default_rng(i).permutation(NUM_INSTANCES)[: FLAGS.batch_size])
     for i in range(FLAGS.warmup + FLAGS.steps)
   ]
+  every = math.lcm(*(variant.settings.reference_every_steps for variant in variants))
+  per_round = every * -(-FLAGS.steps // (FLAGS.rounds * every))
+  print(
+    f"{FLAGS.rounds} rounds of {per_round} timed steps after {FLAGS.warmup} warm-up steps "
+    "per variant"
+  )
   times = {name: [] for name in built}
-  rounds = 2
-  per_round = -(-FLAGS.steps // rounds)
-  for _ in range(rounds):
+  for _ in range(FLAGS.rounds):
     for name, (step, _, _) in built.items():
-      for index, ids in enumerate(batches[: FLAGS.warmup + per_round]):
+      times[name].append([])
+      for index in range(FLAGS.warmup + per_round):
+        ids = batches[index % len(batches)]
         start = time.perf_counter()
         states[name], metrics = step(states[name], device_data, ids)
         jax.block_until_ready((states[name], metrics))
         if index >= FLAGS.warmup:
-          times[name].append(time.perf_counter() - start)
+          times[name][-1].append(time.perf_counter() - start)
   return times, {name: entry[2] for name, entry in built.items()}
 
 
@@ -243,26 +257,24 @@ def main(argv):
       f"remove {', '.join(layerwise)} from --variants and --memory_only."
     )
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
-  print(
-    f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}, "
-    f"{FLAGS.steps} timed steps after {FLAGS.warmup} warm-up steps per variant"
-  )
+  print(f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}")
   times, memory = time_variants(variants, model, device_data)
   for name in FLAGS.memory_only:
     memory[name] = build_step(parse_variant(name), model, device_data)[2]
-  # The mean, not the median, so that a variant refreshing its reference
-  # gradient every k steps pays its share of the refresh steps.
-  uniform_time = float(np.mean(times["uniform"]))
+  # Means within a round, not medians, so that a variant refreshing its
+  # reference gradient every k steps pays its share of the refresh steps.
+  uniform_means = np.array([np.mean(steps_in_round) for steps_in_round in times["uniform"]])
   print(
     "| variant | mean step (ms) | vs uniform | GFLOP | vs uniform | temp memory (MiB) "
     "| vs uniform | peak memory (MiB) | vs uniform |"
   )
   print("|---|---|---|---|---|---|---|---|---|")
   for name, sizes in memory.items():
-    values = times.get(name)
-    if values:
-      mean = float(np.mean(values))
-      cells = [f"{1e3 * mean:.1f}", f"{mean / uniform_time:.2f}x"]
+    rounds = times.get(name)
+    if rounds:
+      ratios = np.array([np.mean(steps_in_round) for steps_in_round in rounds]) / uniform_means
+      spread = f"({np.min(ratios):.2f}-{np.max(ratios):.2f})"
+      cells = [f"{1e3 * np.mean(rounds):.1f}", f"{np.median(ratios):.2f}x {spread}"]
     else:
       cells = ["not timed", "n/a"]
     for kind, unit in (("flops", 1e9), ("temp", 2**20), ("peak", 2**20)):
