@@ -195,7 +195,7 @@ def time_variants(variants, model, device_data):
   steps first, so a large variant (vmap) does not evict the caches of the step
   timed after it, while load changes between rounds still affect all alike.
   A round's timed steps are a multiple of every variant's refresh interval
-  k, so each round holds the same share of refresh steps.
+  k, so each round has the same share of refresh steps.
   """
   built = {variant.name: build_step(variant, model, device_data) for variant in variants}
   states = {name: entry[1] for name, entry in built.items()}
