@@ -19,6 +19,7 @@ not the shared dataset.
 
 import dataclasses
 import functools
+import inspect
 import math
 import sys
 import time
@@ -30,7 +31,7 @@ from absl import app, flags
 
 from configs import default
 from ddlr import steps, train
-from ddlr.models import create_model
+from ddlr.models import MODELS, create_model
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "small_cnn", "Model name from ddlr.models.MODELS.")
@@ -39,11 +40,15 @@ flags.DEFINE_bool(
   "batch_norm", False, "Add BatchNorm to a model that offers it as an option (small_cnn)."
 )
 flags.DEFINE_integer("batch_size", 128, "Training batch size.")
-flags.DEFINE_integer("steps", 32, "Timed steps per variant; the table gives their mean.")
-flags.DEFINE_integer("warmup", 3, "Untimed steps per variant and round.")
 flags.DEFINE_integer(
-  "rounds", 4, "Rounds in which the variants take turns; the steps are shared out among them."
+  "steps",
+  32,
+  "Timed steps per variant, shared out among the rounds and rounded up so that each round "
+  "gets the same number, a multiple of every refresh interval k.",
+  lower_bound=1,
 )
+flags.DEFINE_integer("warmup", 3, "Untimed steps per variant and round.", lower_bound=0)
+flags.DEFINE_integer("rounds", 4, "Rounds in which the variants take turns.", lower_bound=1)
 flags.DEFINE_list(
   "variants",
   [
@@ -234,10 +239,16 @@ def main(argv):
     config.width = FLAGS.width
   else:
     del config.width
-  if FLAGS.batch_norm:
-    config.batch_norm = True
-  else:
+  if not FLAGS.batch_norm:
     del config.batch_norm
+  elif (
+    FLAGS.model in MODELS and "batch_norm" not in inspect.signature(MODELS[FLAGS.model]).parameters
+  ):
+    sys.exit(
+      f"error: --batch_norm applies only to models with a batch_norm option, not {FLAGS.model}."
+    )
+  else:
+    config.batch_norm = True
   model = create_model(config, NUM_CLASSES)
   shape = INPUT_SHAPES.get(FLAGS.model, DEFAULT_INPUT_SHAPE)
   rng = np.random.default_rng(0)

@@ -184,7 +184,7 @@ def test_run_and_report_writes_grouped_table(tmp_path):
   ]
 
 
-def test_run_saved_before_added_field_is_reused(tmp_path):
+def test_sweep_reuses_run_without_added_field(tmp_path):
   config = default.get_config("quick")
   saved = json.loads(config.to_json())
   del saved["ddlr"]["split_batch_stats"]

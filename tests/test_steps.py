@@ -8,11 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from ddlr import optim, steps
 from ddlr.models import SmallCNN
 
 NUM_INSTANCES, NUM_REFERENCE, BATCH_SIZE, ETA = 16, 8, 6, 0.2
+# Batches of the split tests: an even one of BATCH_SIZE and an odd one.
+SPLIT_IDS = jnp.array([3, 11, 0, 7, 14, 5])
+ODD_IDS = jnp.array([3, 11, 0, 7, 14, 5, 9])
 
 
 @functools.cache
@@ -234,7 +238,7 @@ def _batch_norm_setup():
 
 
 def _batch_norm_state(
-  params, batch_stats, *, adam=False, class_rates=False, normalize=True, initial_rates="random"
+  params, batch_stats, *, adam=False, class_rates=False, normalize=True, random_rates=True
 ):
   """Returns a ddlr optimizer and a train state with `batch_stats`, rates random or all 1."""
   base = optax.adam(1e-2) if adam else optax.sgd(ETA)
@@ -244,7 +248,7 @@ def _batch_norm_state(
     class_hyper_learning_rate=0.5 if class_rates else None, normalize=normalize,
   )  # fmt: skip
   opt_state = tx.init(params)
-  if initial_rates == "random":
+  if random_rates:
     opt_state = opt_state._replace(
       log_lr=0.3 * jax.random.normal(jax.random.key(7), (NUM_INSTANCES,))
     )
@@ -255,10 +259,11 @@ def _batch_norm_state(
   return tx, state
 
 
+@functools.cache
 def _batch_norm_step(split_batch_stats):
   """Returns a BatchNorm model, its data, a split-reference state and that state after one step."""
   model, data, params, batch_stats = _batch_norm_setup()
-  tx, state = _batch_norm_state(params, batch_stats, normalize=False, initial_rates="ones")
+  tx, state = _batch_norm_state(params, batch_stats, normalize=False, random_rates=False)
   settings = steps.StepSettings(
     reference="split", normalize=False, split_batch_stats=split_batch_stats
   )
@@ -266,9 +271,6 @@ def _batch_norm_step(split_batch_stats):
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings)
   )(state, data, SPLIT_IDS)
   return model, data, state, new_state
-
-
-SPLIT_IDS = jnp.array([3, 11, 0, 7, 14, 5])
 
 
 def _flat_jacobian(model, batch_stats, params, images, labels):
@@ -309,10 +311,11 @@ def test_split_per_half_batch_norm():
   computed_step = new_state.opt_state.log_lr[SPLIT_IDS] - state.opt_state.log_lr[SPLIT_IDS]
   np.testing.assert_allclose(computed_step, (ETA / BATCH_SIZE) * alignment, rtol=1e-4, atol=1e-7)
 
-  # The update is the mean of the two halves' gradients, and the running
-  # statistics move by the mean of the halves' own updates.
+  # The update is the mean of the two halves' gradients, and with halves of
+  # equal size the running statistics move by the mean of their own updates.
+  _, unravel = ravel_pytree(state.params)
   expected_params = jax.tree.map(
-    lambda p, g: p - ETA * g, state.params, _unflatten((first + second) / 2, state.params)
+    lambda p, g: p - ETA * g, state.params, unravel((first + second) / 2)
   )
   for got, want in zip(
     jax.tree.leaves(new_state.params), jax.tree.leaves(expected_params), strict=True
@@ -330,13 +333,6 @@ def test_split_per_half_batch_norm():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _unflatten(flat, like):
-  leaves, treedef = jax.tree.flatten(like)
-  sizes = np.cumsum([leaf.size for leaf in leaves])[:-1]
-  parts = jnp.split(flat, sizes)
-  return treedef.unflatten([p.reshape(leaf.shape) for p, leaf in zip(parts, leaves, strict=True)])
-
-
 class _HalvesModel(nn.Module):
   """Applies `inner` to each half of a training batch separately, as BatchNorm ghost batches."""
 
@@ -348,9 +344,6 @@ class _HalvesModel(nn.Module):
       return self.inner(x, train=False)
     half = x.shape[0] // 2
     return jnp.concatenate([self.inner(x[:half], train=True), self.inner(x[half:], train=True)])
-
-
-ODD_IDS = jnp.array([3, 11, 0, 7, 14, 5, 9])
 
 
 SPLIT_HALF_CASES = {
@@ -415,10 +408,8 @@ def test_split_half_odd_batch_running_mean():
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
     after[split_batch_stats], _ = step(state, data, ODD_IDS)
 
-  # The first BatchNorm's input does not depend on any normalisation, so with
-  # halves of 3 and 4 examples its running mean should still move towards the
-  # mean over all 7, as with the whole batch. An unweighted mean of the two
-  # halves' updates gives each example of the smaller half more weight.
+  # The first BatchNorm's input does not depend on any normalisation, so its
+  # running mean must match the whole batch's, even with halves of 3 and 4.
   np.testing.assert_allclose(
     after["half"].batch_stats["BatchNorm_0"]["mean"],
     after["batch"].batch_stats["BatchNorm_0"]["mean"],

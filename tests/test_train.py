@@ -91,7 +91,7 @@ def test_reused_reference_rejects_current_point():
 
 
 @pytest.mark.parametrize("reference", ["split", "momentum", "batch"])
-def test_reuse_needs_reference_split(reference):
+def test_reuse_rejects_other_references(reference):
   config = tiny_config(**{"ddlr.reference_every_steps": 4, "ddlr.reference": reference})
   message = f"reference_every_steps=4 is invalid with config.ddlr.reference='{reference}'"
   with pytest.raises(ConfigError, match=message):
