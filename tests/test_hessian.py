@@ -11,13 +11,15 @@ from ddlr import hessian
 from ddlr.models import SmallCNN
 
 NUM_CLASSES = 3
+# Parameters of the tiny CNN below, counted in its docstring.
+NUM_PARAMETERS = 217
 
 
 def _tiny_cnn_problem(num_examples=20):
   """A SmallCNN with BatchNorm on 8x8 images, with non-trivial running statistics.
 
-  Parameters: conv 5x5x1x2 + 2, BatchNorm 2 + 2, conv 3x3x2x4 + 4, BatchNorm
-  4 + 4, dense (2*2*4)x4 + 4, dense 4x3 + 3: 52 + 4 + 76 + 8 + 68 + 15 = 223.
+  Parameters: conv 5x5x1x2 and 3x3x2x4 without biases, BatchNorms 2 + 2 and 4 + 4,
+  dense (2*2*4)x4 + 4, dense 4x3 + 3: 50 + 4 + 72 + 8 + 68 + 15 = 217.
   """
   model = SmallCNN(num_classes=NUM_CLASSES, width=2, hidden=4, batch_norm=True)
   keys = jax.random.split(jax.random.key(0), 4)
@@ -61,15 +63,15 @@ def hvp(problem):
   return hessian.HessianVectorProduct(problem[0], chunk_size=64)
 
 
-def test_tiny_cnn_has_223_parameters(problem):
+def test_tiny_cnn_parameter_count(problem):
   _, _, _, _, _, dense = problem
-  assert dense.shape == (223, 223)
+  assert dense.shape == (NUM_PARAMETERS, NUM_PARAMETERS)
 
 
 def test_hvp_matches_dense_hessian(problem, hvp):
   _, params, batch_stats, images, labels, dense = problem
   matvec, dim = hvp.linear_operator(params, batch_stats, images, labels)
-  assert dim == 223
+  assert dim == NUM_PARAMETERS
   vector = np.asarray(jax.random.normal(jax.random.key(1), (dim,)))
   expected = dense @ vector
   product = np.asarray(matvec(jnp.asarray(vector)))
@@ -79,7 +81,7 @@ def test_hvp_matches_dense_hessian(problem, hvp):
 
 def test_chunked_hvp_equals_unchunked(problem):
   model, params, batch_stats, images, labels, _ = problem
-  vector = jax.random.normal(jax.random.key(2), (223,))
+  vector = jax.random.normal(jax.random.key(2), (NUM_PARAMETERS,))
   whole, _ = hessian.HessianVectorProduct(model, chunk_size=20).linear_operator(
     params, batch_stats, images, labels
   )
@@ -96,7 +98,7 @@ def test_chunked_hvp_equals_unchunked(problem):
 def test_hvp_compiles_once_per_chunk_shape(problem):
   model, params, batch_stats, images, labels, _ = problem
   hvp = hessian.HessianVectorProduct(model, chunk_size=8)
-  vector = jnp.ones(223)
+  vector = jnp.ones(NUM_PARAMETERS)
   for count in (20, 13, 5):
     matvec, _ = hvp.linear_operator(params, batch_stats, images[:count], labels[:count])
     matvec(vector)
@@ -106,13 +108,20 @@ def test_hvp_compiles_once_per_chunk_shape(problem):
 def test_lanczos_full_basis_gives_top_eigenvalues(problem, hvp):
   _, params, batch_stats, images, labels, dense = problem
   result = hessian.top_hessian_eigenvalues(
-    hvp, params, batch_stats, images, labels, k=10, num_iterations=223, key=jax.random.key(0)
+    hvp,
+    params,
+    batch_stats,
+    images,
+    labels,
+    k=10,
+    num_iterations=NUM_PARAMETERS,
+    key=jax.random.key(0),
   )
   expected = np.linalg.eigvalsh(dense)[::-1][:10]
   # float32 products: agreement to 1e-4 of the largest eigenvalue.
   np.testing.assert_allclose(result.eigenvalues, expected, atol=1e-4 * expected[0])
   assert np.all(np.diff(result.eigenvalues) <= 0)
-  assert result.num_iterations == 223
+  assert result.num_iterations == NUM_PARAMETERS
 
 
 def test_lanczos_few_iterations_bounds_top_eigenvalues(problem, hvp):
@@ -156,10 +165,14 @@ def test_lanczos_start_key_fixes_result(problem, hvp):
 
 def test_k_above_parameter_count_raises(problem, hvp):
   _, params, batch_stats, images, labels, _ = problem
-  with pytest.raises(ValueError, match=r"k=224 is invalid; expected 1 <= k <= 223"):
+  invalid_k = NUM_PARAMETERS + 1
+  with pytest.raises(
+    ValueError, match=rf"k={invalid_k} is invalid; expected 1 <= k <= {NUM_PARAMETERS}"
+  ):
     hessian.top_hessian_eigenvalues(
-      hvp, params, batch_stats, images, labels, k=224, num_iterations=224, key=jax.random.key(0)
-    )
+      hvp, params, batch_stats, images, labels, k=invalid_k, num_iterations=invalid_k,
+      key=jax.random.key(0),
+    )  # fmt: skip
 
 
 def test_iterations_below_k_raise(problem, hvp):

@@ -69,6 +69,24 @@ PARAMETER_COUNTS = {
     + (512 * 10 + 10),
     None,
   ),
+  # On 32x32x3 inputs: a 5x5 conv to 32 channels (2_400 weights) and a 3x3 conv to
+  # 64 (18_432), both of stride 2, leave 8x8x64 = 4_096 features for the 4096x128 and
+  # 128x10 dense layers (524_416 and 1_290 with biases). Convolutions have 32 + 64
+  # biases without BatchNorm, and BatchNorms of 2*32 + 2*64 in their place with it.
+  "small_cnn": (
+    {"name": "small_cnn"},
+    10,
+    32,
+    2_400 + 18_432 + 96 + 524_416 + 1_290,
+    None,
+  ),
+  "small_cnn_batch_norm": (
+    {"name": "small_cnn", "batch_norm": True},
+    10,
+    32,
+    2_400 + 18_432 + 192 + 524_416 + 1_290,
+    None,
+  ),
   # A pre-activation block with c_in inputs and c channels has BatchNorms (2*c_in + 2c)
   # and two 3x3 convolutions (9*c_in*c + 9*c*c). The first block of each group adds a
   # 1x1 projection (c_in*c). Groups of four blocks with 160, 320 and 640 channels sum to
@@ -160,6 +178,8 @@ def test_parameter_counts_literal():
     "vgg16_bn_cifar": 14_987_210,
     "vgg16_bn_cifar_single_dense": 14_724_042,
     "densenet_bc_100_12": 769_162,
+    "small_cnn": 546_634,
+    "small_cnn_batch_norm": 546_730,
   }
 
 

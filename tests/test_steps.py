@@ -383,8 +383,9 @@ def test_split_half_matches_halves_model(case):
   half = run(model, params, batch_stats, "half")
   expected = run(_HalvesModel(model), {"inner": params}, {"inner": batch_stats}, "batch")
 
-  # The biases before BatchNorm have gradients of rounding size, which Adam and
-  # its preconditioner divide by second moments of rounding size.
+  # Adam's preconditioner divides by the square roots of second moments, which
+  # for the gradient's smallest components magnifies the rounding differences
+  # of the two routes (with eps=1e-2 the rates agree to 1e-4).
   rtol = 2e-3 if options["adam"] else 1e-4
   assert float(jnp.max(jnp.abs(half.opt_state.log_lr[ids]))) > 0.0
   np.testing.assert_allclose(half.opt_state.log_lr, expected.opt_state.log_lr, rtol=rtol, atol=1e-6)
@@ -392,11 +393,10 @@ def test_split_half_matches_halves_model(case):
     np.testing.assert_allclose(
       half.opt_state.class_log_lr, expected.opt_state.class_log_lr, rtol=1e-4, atol=1e-6
     )
-  if not options["adam"]:
-    for got, want in zip(
-      jax.tree.leaves(half.params), jax.tree.leaves(expected.params["inner"]), strict=True
-    ):
-      np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  for got, want in zip(
+    jax.tree.leaves(half.params), jax.tree.leaves(expected.params["inner"]), strict=True
+  ):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_split_half_odd_batch_running_mean():
