@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.data.name = args.dataset
   # With source='idx', manual_dir is the extracted python archive.
-  config.data.manual_dir = None
+  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
   # A multiple of 100, so the reference split is class-balanced on CIFAR-100 too.
   config.data.reference_size = 1000
   common.set_noise(config, CONFIG_FILE, args.noise, args.rate)

@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = default.get_config()
 
   config.data.name = "imagenet2012"
-  config.data.manual_dir = None
+  config.data.manual_dir = ml_collections.config_dict.placeholder(str)
   config.data.reference_size = 10_000
   common.set_noise(config, CONFIG_FILE, "none", 0.0)
   image_size = 32 if args.small else 224

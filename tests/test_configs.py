@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import flags
+from ml_collections import config_flags
 
 from configs import cifar, common, default, fashion_mnist, imagenet
 from ddlr import data as data_lib
@@ -126,6 +128,19 @@ def test_imagenet_learning_rate_scales_with_batch():
 def test_invalid_argument_raises(module, arg, message):
   with pytest.raises(ValueError, match=message):
     module.get_config(arg)
+
+
+@pytest.mark.parametrize("config_file", ["configs/cifar.py:small", "configs/imagenet.py:small"])
+@pytest.mark.parametrize("field", ["data_dir", "manual_dir"])
+def test_data_paths_overridable(config_file, field):
+  # Command-line overrides parse the string by the field's type, which a plain
+  # None would not give.
+  argv = ["main", f"--config={config_file}", f"--config.data.{field}=/raw/files"]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flag_values(argv)
+
+  assert flag_values.config.data[field] == "/raw/files"
 
 
 def test_streamed_imagenet_rejects_small_loss_reference():
