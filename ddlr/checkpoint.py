@@ -171,7 +171,8 @@ def restore_latest(
     restored = manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )["state"]
-  except (ValueError, KeyError, TypeError, OSError) as error:
+  # Orbax (0.12) raises a plain Exception when it cannot read an array's data.
+  except Exception as error:
     raise ResumeError(
       f"the checkpoint {step_dir} does not match this config's model and optimizer, or "
       f"is damaged ({_first_line(error)}); if it is damaged, delete that directory to "
@@ -212,7 +213,8 @@ def restore_model_variables(manager: ocp.CheckpointManager, step: int) -> tuple[
     )
   try:
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  except (ValueError, KeyError, TypeError, OSError) as error:
+  # Orbax (0.12) raises a plain Exception when it cannot read an array's data.
+  except Exception as error:
     raise ResumeError(
       f"the checkpoint {step_dir} cannot be read ({_first_line(error)})."
     ) from error
@@ -263,9 +265,19 @@ def config_differences(saved_config_path: str, config: ml_collections.ConfigDict
   A field present in only one of the configs has the value '<missing>' in the
   other, except that a saved config lacking a field of `ADDED_FIELDS` is read
   as having that field's value.
+
+  Raises:
+    ResumeError: if the saved config is missing or is not valid JSON.
   """
-  with open(saved_config_path) as f:
-    saved = {**ADDED_FIELDS, **_flatten(json.load(f))}
+  try:
+    with open(saved_config_path) as f:
+      saved = {**ADDED_FIELDS, **_flatten(json.load(f))}
+  except (OSError, ValueError) as error:
+    raise ResumeError(
+      f"the saved config {saved_config_path} cannot be read ({_first_line(error)}), so the "
+      "run in its directory cannot be checked against this config; restore the file or use "
+      "a new --workdir."
+    ) from error
   new = _flatten(json.loads(config.to_json()))
   return {
     path: (saved.get(path, "<missing>"), new.get(path, "<missing>"))
@@ -304,11 +316,32 @@ def check_resumable_config(saved_config_path: str, config: ml_collections.Config
 
 
 def truncate_metrics(path: str, last_step: int) -> None:
-  """Drops records after `last_step` from a `metrics.jsonl`, which the resumed run rewrites."""
+  """Drops records after `last_step` from a `metrics.jsonl`, which the resumed run rewrites.
+
+  A final line that is not valid JSON, a record cut short when the run was
+  killed while writing it, is dropped with a warning.
+
+  Raises:
+    ResumeError: if a line before the last is not a valid record.
+  """
   if not os.path.exists(path):
     return
   with open(path) as f:
-    records = [line for line in f if line.strip() and json.loads(line)["step"] <= last_step]
+    lines = [line for line in f if line.strip()]
+  records = []
+  for number, line in enumerate(lines, start=1):
+    try:
+      step = json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError) as error:
+      if number == len(lines):
+        logging.warning("Dropping the unreadable last line of %s (%s).", path, _first_line(error))
+        continue
+      raise ResumeError(
+        f"line {number} of {path} is not a valid metrics record ({_first_line(error)}); "
+        "repair or remove that line to resume."
+      ) from error
+    if step <= last_step:
+      records.append(line if line.endswith("\n") else line + "\n")
   temporary = path + ".tmp"
   with open(temporary, "w") as f:
     f.writelines(records)

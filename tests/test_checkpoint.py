@@ -221,6 +221,46 @@ def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
     run_on_mock(_config(), workdir)
 
 
+def test_damaged_array_data_is_rejected(tmp_path):
+  stopped = run_on_mock(_config(**{"train.stop_after_steps": 4}), tmp_path)
+  assert stopped == {"completed": False, "step": 4}
+  latest = tmp_path / "checkpoints" / "4" / "state"
+  largest = max((path for path in latest.rglob("*") if path.is_file()), key=os.path.getsize)
+  largest.write_bytes(b"")
+
+  with pytest.raises(
+    checkpoint.ResumeError, match=r"checkpoints/4 does not match .* or is damaged"
+  ):
+    run_on_mock(_config(), tmp_path)
+
+
+def test_unreadable_saved_config_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  (workdir / "config.json").write_text("{")
+
+  with pytest.raises(checkpoint.ResumeError, match=r"config.json cannot be read"):
+    run_on_mock(_config(), workdir)
+
+
+def test_truncate_metrics_drops_torn_last_line(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+
+  checkpoint.truncate_metrics(str(path), last_step=2)
+
+  assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_truncate_metrics_rejects_damaged_record(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+
+  with pytest.raises(checkpoint.ResumeError, match=r"line 2 of .* is not a valid metrics record"):
+    checkpoint.truncate_metrics(str(path), last_step=2)
+  assert path.read_text() == '{"step": 1}\nnot json\n{"step": 3}\n'
+
+
 def test_rejected_shorter_run_stays_rejected(tmp_path):
   run_on_mock(tiny_config(**{"train.num_epochs": 2}), tmp_path)
   shorter = tiny_config(**{"train.num_epochs": 1})
