@@ -6,7 +6,7 @@ import ml_collections
 
 from ddlr import alignment, baselines, optim, steps
 from ddlr.data import augment, imagenet
-from ddlr.models import MODELS
+from ddlr.models import MODELS, create_model
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
 SCHEDULES = ("constant", "cosine", "step")
@@ -62,6 +62,28 @@ def _check_reuse(config) -> None:
     )
 
 
+def _check_model_arguments(config) -> None:
+  # Building the model (not initialising it) checks the fields against its
+  # constructor and runs the model's own argument checks.
+  try:
+    create_model(config.model, num_classes=2)
+  except (TypeError, ValueError) as error:
+    raise ConfigError(f"config.model is invalid: {error}") from error
+
+
+def _check_adam_moments(config) -> None:
+  # b = 1 would divide by zero in Adam's bias correction 1 - b**t.
+  for name in ("b1", "b2"):
+    value = _get(config, f"optimizer.{name}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+      raise ConfigError(
+        f"config.optimizer.{name}={value!r} is invalid; expected a value in [0, 1)."
+      )
+  eps = _get(config, "optimizer.eps")
+  if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0.0 < eps < math.inf:
+    raise ConfigError(f"config.optimizer.eps={eps!r} is invalid; expected a finite value > 0.")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
 
@@ -75,12 +97,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, "model.name", sorted(MODELS))
   if "width" in config.model:
     _require_range(config, "model.width", 1, integer=True)
+  _check_model_arguments(config)
   _require_choice(config, "optimizer.name", OPTIMIZERS)
   _require_choice(config, "optimizer.schedule", SCHEDULES)
   _require_range(config, "optimizer.learning_rate", 0.0)
   _require_range(config, "optimizer.warmup_epochs", 0.0)
   _require_range(config, "optimizer.momentum", 0.0, 1.0)
   _require_range(config, "optimizer.weight_decay", 0.0)
+  _check_adam_moments(config)
 
   _require_choice(config, "ddlr.reference", steps.REFERENCES)
   _require_choice(config, "ddlr.reference_at", steps.REFERENCE_POINTS)

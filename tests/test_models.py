@@ -195,12 +195,13 @@ def test_models_registered():
     ({"name": "wide_resnet", "depth": 27}, "depth=27 is invalid"),
     ({"name": "densenet_bc", "depth": 99}, "depth=99 is invalid"),
     ({"name": "densenet_bc", "compression": 0.0}, "compression=0.0 is invalid"),
+    ({"name": "resnet18", "batch_norm": True}, "resnet18 does not take the field batch_norm"),
+    ({"name": "nosuch"}, "config.model.name='nosuch' is unknown"),
   ],
 )
 def test_invalid_config_raises(config, message):
-  model = create_model(ml_collections.ConfigDict(config), 10)
   with pytest.raises(ValueError, match=message):
-    _count_parameters(model, 32)
+    create_model(ml_collections.ConfigDict(config), 10)
 
 
 # Reduced models for one real training pass each. On a loaded 2-core CPU (jax 0.10.2),

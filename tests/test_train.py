@@ -76,6 +76,11 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
     ("optimizer.warmup_epochs", 5.0, r"warmup_epochs=5.0 exceeds config.train.num_epochs=1"),
     ("ddlr.hyper_momentum", 1.0, r"hyper_momentum=1.0 is invalid; expected a value in \[0, 1\)"),
     ("ddlr.log_lr_min", 3.0, r"invalid config.ddlr setting: log_lr_min must be below log_lr_max"),
+    ("optimizer.b1", 1.0, r"config.optimizer.b1=1.0 is invalid; expected a value in \[0, 1\)"),
+    ("optimizer.b2", 1.5, r"config.optimizer.b2=1.5 is invalid; expected a value in \[0, 1\)"),
+    ("optimizer.eps", -1.0, r"config.optimizer.eps=-1.0 is invalid; expected a finite value > 0"),
+    ("optimizer.eps", 0.0, r"config.optimizer.eps=0.0 is invalid; expected a finite value > 0"),
+    ("model.name", "resnet18", r"resnet18 does not take the field batch_norm of config.model"),
   ],
 )
 def test_invalid_config_value_raises(tmp_path, path, value, message):

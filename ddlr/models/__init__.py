@@ -1,5 +1,7 @@
 """Flax models selected by name from the `model` section of a config."""
 
+import inspect
+
 import flax.linen as nn
 import ml_collections
 
@@ -34,11 +36,25 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
   """Builds the model named `config.name` with the remaining fields as arguments.
 
   Raises:
-    ValueError: for an unknown model name.
+    ValueError: for an unknown model name, a field the model does not take,
+      or an argument value the model rejects.
   """
   if config.name not in MODELS:
     raise ValueError(
       f"config.model.name={config.name!r} is unknown; expected one of {sorted(MODELS)}."
     )
   kwargs = {key: value for key, value in config.items() if key != "name"}
+  accepted = set(inspect.signature(MODELS[config.name]).parameters) - {
+    "num_classes",
+    "parent",
+    "name",
+  }
+  unknown = sorted(set(kwargs) - accepted)
+  if unknown:
+    raise ValueError(
+      f"{config.name} does not take the field {', '.join(unknown)} of config.model; its "
+      f"arguments are {', '.join(sorted(accepted))}. Select the model with the `model` argument "
+      "of configs/fashion_mnist.py, configs/cifar.py or configs/imagenet.py, whose model "
+      "sections set only those."
+    )
   return MODELS[config.name](num_classes=num_classes, **kwargs)

@@ -59,8 +59,7 @@ class DenseNetBC(nn.Module):
   growth_rate: int = 12
   compression: float = 0.5
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __post_init__(self):
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
       raise ValueError(
         f"DenseNetBC depth={self.depth} is invalid; expected 6n + 4 for n >= 1 (10, 40, 100, …)."
@@ -69,6 +68,10 @@ class DenseNetBC(nn.Module):
       raise ValueError(
         f"DenseNetBC compression={self.compression} is invalid; expected 0 < compression <= 1."
       )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     layers_per_block = (self.depth - 4) // 6
 
     x = nn.Conv(

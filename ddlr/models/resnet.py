@@ -82,11 +82,13 @@ class ResNet(nn.Module):
   stem: str = "cifar"
   width: int = 64
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __post_init__(self):
     if self.stem not in STEMS:
       raise ValueError(f"ResNet stem={self.stem!r} is unknown; expected one of {STEMS}.")
+    super().__post_init__()
 
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv = functools.partial(nn.Conv, use_bias=False, kernel_init=nn.initializers.he_normal())
     if self.stem == "cifar":
       x = conv(self.width, (3, 3))(x)

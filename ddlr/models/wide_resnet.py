@@ -55,12 +55,15 @@ class WideResNet(nn.Module):
   widen_factor: int = 10
   dropout_rate: float = 0.0
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __post_init__(self):
     if self.depth < 10 or (self.depth - 4) % 6 != 0:
       raise ValueError(
         f"WideResNet depth={self.depth} is invalid; expected 6n + 4 for n >= 1 (10, 16, 22, 28, …)."
       )
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     blocks_per_group = (self.depth - 4) // 6
 
     x = nn.Conv(16, (3, 3), use_bias=False, kernel_init=nn.initializers.he_normal())(x)
