@@ -114,15 +114,15 @@ def create_train_state(
 
 
 def _check_finite(step_metrics: list[dict], first_step: int, epoch: int) -> None:
+  names = {"train/loss": "loss", "train/grad_norm": "gradient", "train/update_norm": "update"}
   for offset, metrics in enumerate(step_metrics):
-    finite = all(
-      math.isfinite(metrics[key]) for key in ("train/loss", "train/grad_norm", "train/update_norm")
-    ) and bool(metrics.get("ddlr/rates_finite", True))
-    if not finite:
+    non_finite = [name for key, name in names.items() if not math.isfinite(metrics[key])]
+    if not bool(metrics.get("ddlr/rates_finite", True)):
+      non_finite.append("per-instance or class rates of the batch")
+    if non_finite:
       raise NonFiniteLossError(
-        f"non-finite training loss, gradient, update or rate at step "
-        f"{first_step + offset + 1} (epoch {epoch}): loss={metrics['train/loss']}, "
-        f"grad_norm={metrics['train/grad_norm']}, "
+        f"non-finite {', '.join(non_finite)} at step {first_step + offset + 1} (epoch {epoch}): "
+        f"loss={metrics['train/loss']}, grad_norm={metrics['train/grad_norm']}, "
         f"update_norm={metrics['train/update_norm']}. Stopping; the checkpoints and "
         "outputs written before this step are kept."
       )

@@ -62,7 +62,7 @@ def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
   )  # fmt: skip
   assert result.returncode == 1
   [line] = _error_lines(result.stderr)
-  assert re.match(r"error: non-finite training loss, gradient, update or rate at step \d+ ", line)
+  assert re.match(r"error: non-finite .+ at step \d+ \(epoch 1\): loss=", line)
   assert "Traceback" not in result.stderr
   for name in ("config.json", "split_record.npz"):
     assert os.path.exists(tmp_path / "run" / name), name

@@ -1,6 +1,7 @@
 """End-to-end runs of `train_and_evaluate` on mocked tfds data."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -60,6 +61,24 @@ def test_non_finite_loss_stops_and_keeps_outputs(tmp_path):
       train.train_and_evaluate(config, workdir)
   assert os.path.exists(os.path.join(workdir, "config.json"))
   assert os.path.exists(os.path.join(workdir, "split_record.npz"))
+
+
+def test_non_finite_rates_named():
+  metrics = {
+    "train/loss": 816432212344832.0, "train/grad_norm": 1.1e12, "train/update_norm": 1.1e16,
+    "ddlr/rates_finite": False,
+  }  # fmt: skip
+  message = r"non-finite per-instance or class rates of the batch at step 3 \(epoch 1\): loss="
+  with pytest.raises(train.NonFiniteLossError, match=message):
+    train._check_finite([metrics], first_step=2, epoch=1)
+
+
+def test_non_finite_loss_named():
+  metrics = {"train/loss": math.nan, "train/grad_norm": 1.0, "train/update_norm": math.inf}
+  with pytest.raises(
+    train.NonFiniteLossError, match=r"non-finite loss, update at step 1 \(epoch 1\): loss=nan"
+  ):
+    train._check_finite([metrics], first_step=0, epoch=1)
 
 
 @pytest.mark.parametrize(
