@@ -348,15 +348,25 @@ def truncate_metrics(path: str, last_step: int) -> None:
   os.replace(temporary, path)
 
 
-def set_aside_summary(workdir: str, step: int, total_steps: int) -> None:
-  """Renames a finished run's summary.json before the run trains further.
+# Files a run writes when it finishes, which describe the run up to that step.
+FINAL_OUTPUTS = ("summary.json", "rates.npz", "rates_histogram.png", "baseline_scores.npz")
 
-  A resumed run that trains more steps (more epochs) replaces the summary
+
+def set_aside_final_outputs(workdir: str, step: int, total_steps: int) -> None:
+  """Renames a finished run's final outputs before the run trains further.
+
+  A resumed run that trains more steps (more epochs) writes its final outputs
   only at its end. Until then no summary.json may describe the shorter run,
-  or a sweep would reuse it; it is kept as summary_step<step>.json.
+  or a sweep would reuse it, and the new outputs must not overwrite the old
+  ones. Each file of `FINAL_OUTPUTS` is kept with `_step<step>` before its
+  extension, e.g. summary_step60.json.
   """
-  path = os.path.join(workdir, "summary.json")
-  if step < total_steps and os.path.exists(path):
-    aside_path = os.path.join(workdir, f"summary_step{step}.json")
-    os.replace(path, aside_path)
-    logging.info("The run trains past step %d, so its summary moved to %s.", step, aside_path)
+  if step >= total_steps or not os.path.exists(os.path.join(workdir, "summary.json")):
+    return
+  for name in FINAL_OUTPUTS:
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      stem, extension = os.path.splitext(name)
+      aside_path = os.path.join(workdir, f"{stem}_step{step}{extension}")
+      os.replace(path, aside_path)
+      logging.info("The run trains past step %d, so %s moved to %s.", step, name, aside_path)

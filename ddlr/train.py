@@ -216,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
       state, loop = checkpoint.restore_latest(manager, state, len(data.labels))
       _check_resume_point(run, int(state.step), loop)
-      checkpoint.set_aside_summary(workdir, int(state.step), run.total_steps)
+      checkpoint.set_aside_final_outputs(workdir, int(state.step), run.total_steps)
     elif os.path.exists(metrics_path):
       logging.warning(
         "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path

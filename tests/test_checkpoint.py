@@ -271,19 +271,25 @@ def test_rejected_shorter_run_stays_rejected(tmp_path):
         sweep.run_or_load(shorter, str(tmp_path))
 
 
-def test_extended_run_sets_summary_aside(tmp_path):
+def test_extended_run_sets_outputs_aside(tmp_path):
   first = run_on_mock(tiny_config(), tmp_path)  # 1 epoch of 2 steps
+  first_rates = (tmp_path / "rates.npz").read_bytes()
   stopped = run_on_mock(
     tiny_config(**{"train.num_epochs": 2, "train.stop_after_steps": 3}), tmp_path
   )
   assert stopped == {"completed": False, "step": 3}
   assert not (tmp_path / "summary.json").exists()
+  assert not (tmp_path / "rates.npz").exists()
   with open(tmp_path / "summary_step2.json") as f:
     assert json.load(f) == first
+  assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
+  assert (tmp_path / "rates_histogram_step2.png").exists()
 
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     extended = sweep.run_or_load(tiny_config(**{"train.num_epochs": 2}), str(tmp_path))
   assert len(extended["test_accuracy_per_epoch"]) == 2
+  assert (tmp_path / "rates.npz").exists()
+  assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
 
 
 def test_added_field_missing_reads_old_value(tmp_path):
