@@ -358,8 +358,8 @@ def _check_resume_point(run: _Run, start_step: int, loop: checkpoint.LoopRecord)
   if start_step > run.total_steps:
     raise checkpoint.ResumeError(
       f"the checkpoint at step {start_step} is past the end of this run "
-      f"({run.config.train.num_epochs} epochs, {run.total_steps} steps); raise "
-      "config.train.num_epochs or use a new --workdir."
+      f"(config.train.num_epochs={run.config.train.num_epochs} gives {run.total_steps} "
+      "steps); raise config.train.num_epochs or use a new --workdir."
     )
 
 

@@ -32,7 +32,8 @@ def _error_lines(stderr: str) -> list[str]:
     ),
     (
       ["--config.data.name=imagenet21k"],
-      "error: unknown dataset name 'imagenet21k'. Expected one of mnist, fashion_mnist, "
+      "error: invalid config.data: unknown dataset name 'imagenet21k'. Expected one of mnist, "
+      "fashion_mnist, "
       "cifar10, cifar100, imagenet2012",
     ),
     (

@@ -159,7 +159,11 @@ def load_dataset(config) -> TrainingData:
     DataError: a field is missing, unknown or invalid (the message names
       it), or a file or directory is missing or invalid.
   """
-  _check_config(config)
+  try:
+    _check_config(config)
+  except DataError as error:
+    # The checks name fields relative to the data section.
+    raise DataError(f"invalid config.data: {error}") from error
   name = config["name"]
   spec = catalog.get_spec(name)
   num_train, num_test = int(config["num_train"]), int(config["num_test"])
