@@ -11,10 +11,13 @@ complete, so a process killed during a write leaves the previous checkpoints
 intact and the unfinished one is ignored and removed on the next start.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import signal
+import threading
 from typing import Any
 
 import jax
@@ -120,19 +123,50 @@ def _to_saveable(state: steps.TrainState) -> dict:
 
 
 def save(manager: ocp.CheckpointManager, state: steps.TrainState, loop: LoopRecord) -> int:
-  """Writes a checkpoint at the state's step and returns that step."""
+  """Writes a checkpoint at the state's step and returns that step.
+
+  A Ctrl-C (SIGINT) during the write takes effect when the write has finished.
+  """
   step = int(state.step)
-  manager.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(_to_saveable(state)),
-      loop=ocp.args.JsonSave(dataclasses.asdict(loop)),
-    ),
-    force=True,
-  )
-  manager.wait_until_finished()
+  with _deferred_interrupt():
+    manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(_to_saveable(state)),
+        loop=ocp.args.JsonSave(dataclasses.asdict(loop)),
+      ),
+      force=True,
+    )
+    manager.wait_until_finished()
   logging.info("Saved checkpoint at step %d to %s.", step, manager.directory)
   return step
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+  """Holds back SIGINT inside the block and raises KeyboardInterrupt after it.
+
+  An interrupted write leaves an unfinished checkpoint directory, and Orbax's
+  writer threads log errors when the interpreter exits under them. Only the
+  main thread can set signal handlers, so elsewhere, and where SIGINT does not
+  raise KeyboardInterrupt (ignored, or handled by the caller), the block runs
+  unchanged.
+  """
+  if (
+    threading.current_thread() is not threading.main_thread()
+    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  ):
+    yield
+    return
+  received = []
+  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  if received:
+    logging.info("Interrupted while writing a checkpoint; stopping now that it is written.")
+    raise KeyboardInterrupt
 
 
 def restore_latest(

@@ -9,6 +9,7 @@ standard error and exit status 1.
 """
 
 import importlib.util
+import os
 import sys
 
 from absl import app, flags, logging
@@ -80,6 +81,16 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+def _resume_hint(workdir: str) -> str:
+  """Returns what rerunning the command in `workdir` will do, from its checkpoint steps."""
+  directory = os.path.join(workdir, "checkpoints")
+  names = os.listdir(directory) if os.path.isdir(directory) else []
+  saved = [int(name) for name in names if name.isdecimal()]
+  if not saved:
+    return "no checkpoint was written yet, so rerunning the command starts afresh."
+  return f"rerunning the command resumes from the checkpoint at step {max(saved)} in {directory}."
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
@@ -109,6 +120,9 @@ def main(argv: list[str]) -> None:
   ) as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
+  except KeyboardInterrupt:
+    print(f"interrupted; {_resume_hint(FLAGS.workdir)}", file=sys.stderr)
+    sys.exit(130)  # the shell's status for a SIGINT
   if not summary["completed"]:
     print(
       f"stopped after step {summary['step']} as config.train.stop_after_steps asks; "

@@ -320,3 +320,27 @@ def test_split_half_resume_is_bit_identical(tmp_path):
   reference_state, _ = latest_state(tmp_path / "uninterrupted", _config(**overrides))
   assert len(jax.tree.leaves(state.batch_stats)) == 4
   _assert_bit_identical(state, reference_state)
+
+
+def test_interrupt_during_write_deferred():
+  previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+  finished = False
+  try:
+    with pytest.raises(KeyboardInterrupt):
+      with checkpoint._deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)  # the handler runs here, and must not raise
+        finished = True
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert finished
+
+
+def test_ignored_interrupt_stays_ignored():
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with checkpoint._deferred_interrupt():
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -2,8 +2,10 @@
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,3 +69,36 @@ def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
   assert "Traceback" not in result.stderr
   for name in ("config.json", "split_record.npz"):
     assert os.path.exists(tmp_path / "run" / name), name
+
+
+def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
+  checkpoints = tmp_path / "run" / "checkpoints"
+  command = [
+      sys.executable, "-m", "ddlr.main", "--config=configs/default.py:quick",
+      f"--workdir={tmp_path / 'run'}", "--config.train.num_epochs=100",
+      "--config.checkpoint.every_steps=5",
+  ]  # fmt: skip
+  # A shell that starts a background job ignores SIGINT in it; restore the default.
+  process = subprocess.Popen(
+    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+  )  # fmt: skip
+  deadline = time.monotonic() + 240
+  while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
+    assert process.poll() is None, process.stderr.read()
+    assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.2)
+
+  process.send_signal(signal.SIGINT)
+  _, stderr = process.communicate(timeout=120)
+
+  assert process.returncode == 130
+  assert "Traceback" not in stderr
+  last_line = stderr.strip().splitlines()[-1]
+  assert re.fullmatch(
+    r"interrupted; rerunning the command resumes from the checkpoint at step \d+ in .+\.",
+    last_line,
+  )
+  steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdecimal()]
+  assert f"step {max(steps)} in" in last_line
+  assert all(p.name.isdecimal() for p in checkpoints.iterdir())
