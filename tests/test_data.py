@@ -594,6 +594,7 @@ def test_load_dataset_deterministic_from_seed(mnist_dir):
     ({"noise_kind": "gaussian"}, "unknown noise.kind 'gaussian'"),
     ({"noise_kind": "symmetric", "noise_rate": 1.0}, r"noise.rate must be a number in \[0, 1\)"),
     ({"noise_kind": "none", "noise_rate": 0.1}, "noise.rate is 0.1"),
+    ({"noise_kind": "pairflip", "noise_rate": 0.5}, "noise.rate=0.5 is invalid for pairflip"),
     ({"data_dir": 7}, "data_dir must be a path string or None, got 7"),
   ],
 )

@@ -414,6 +414,11 @@ def _check_config(config) -> None:
   rate = noise["rate"]
   if not checks.is_real(rate) or not 0.0 <= rate < 1.0:
     raise DataError(f"noise.rate must be a number in [0, 1), got {rate!r}")
+  if noise["kind"] == "pairflip" and rate >= 0.5:
+    raise DataError(
+      f"noise.rate={rate!r} is invalid for pairflip noise; expected a value below 0.5, since "
+      "from 0.5 on the flipped class c + 1 is at least as frequent as the true class c"
+    )
   if noise["kind"] == "none" and rate != 0.0:
     raise DataError(
       f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
