@@ -13,8 +13,8 @@ with momentum, same model and batch: the median over rounds of the ratio of
 the two means within a round, with the lowest and highest in brackets), and
 three figures of XLA's analysis of the compiled step with
 their ratios to the uniform step's: floating-point operations, the temporary
-(working) memory, and the peak, which adds the train state and outputs but
-not the shared dataset.
+(working) memory, and the peak, which adds the whole train state, the batch's
+ids and the outputs but not the dataset that all variants share.
 """
 
 import dataclasses
@@ -121,7 +121,7 @@ def parse_variant(name: str) -> Variant:
   return Variant(name, settings)
 
 
-def build_step(variant: Variant, model, device_data):
+def build_step(variant: Variant, model, device_data, batch_size: int):
   """Returns the jitted step of `variant`, its initial state and its compiled memory."""
   config = default.get_config()
   config.ddlr.enabled = variant.settings.enabled
@@ -137,8 +137,8 @@ def build_step(variant: Variant, model, device_data):
   step = jax.jit(
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings), donate_argnums=0
   )
-  ids = jnp.arange(FLAGS.batch_size)
-  memory = compiled_memory(step.lower(state, device_data, ids).compile(), device_data)
+  ids = jnp.arange(batch_size)
+  memory = compiled_memory(step.lower(state, device_data, ids).compile(), (state, ids))
   if not cache:
     return step, state, memory
 
@@ -147,7 +147,7 @@ def build_step(variant: Variant, model, device_data):
     functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
     donate_argnums=0,
   )
-  refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), device_data)
+  refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), state)
   state = refresh(state, device_data)
   every = settings.reference_every_steps
   steps_done = [0]
@@ -167,13 +167,17 @@ def build_step(variant: Variant, model, device_data):
   return step_and_refresh, state, memory
 
 
-def compiled_memory(compiled, device_data) -> dict[str, int | None]:
+def compiled_memory(compiled, inputs) -> dict[str, int | None]:
   """Returns XLA's cost and memory analysis of a compiled step: FLOPs, and bytes.
 
-  `temp` is the working memory beyond the step's inputs and outputs. `peak`
-  adds the inputs and outputs that are not donated buffers reused in place
-  (train state, ids, the new state and metrics) and leaves out the dataset,
-  which both steps share: it estimates the device memory a step needs.
+  `temp` is the working memory beyond the step's arguments and outputs. `peak`
+  estimates the device memory a step needs besides the dataset, which all
+  variants share. It adds the bytes of `inputs` (the step's other arguments,
+  e.g. train state and ids), the outputs that do not reuse a donated input
+  buffer, and `temp`. Every leaf of `inputs` counts, because the train state
+  stays on the device whether or not the step reads it. XLA's argument size
+  is not used, because jax.jit drops the arguments a step never reads, so it
+  would count only the dataset arrays that this step reads.
   """
   costs = compiled.cost_analysis()
   # Older jax versions return one cost dict per computation in a list.
@@ -182,15 +186,23 @@ def compiled_memory(compiled, device_data) -> dict[str, int | None]:
   analysis = compiled.memory_analysis()
   if analysis is None or not hasattr(analysis, "temp_size_in_bytes"):
     return {"temp": None, "peak": None, "flops": flops}
-  data_bytes = sum(x.nbytes for x in jax.tree.leaves(device_data))
   peak = (
-    analysis.argument_size_in_bytes
+    tree_bytes(inputs)
     + analysis.output_size_in_bytes
     - analysis.alias_size_in_bytes
     + analysis.temp_size_in_bytes
-    - data_bytes
   )
   return {"temp": analysis.temp_size_in_bytes, "peak": peak, "flops": flops}
+
+
+def tree_bytes(tree) -> int:
+  """Returns the bytes of all arrays in `tree`, PRNG key arrays by their key data."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    total += leaf.nbytes
+  return total
 
 
 def time_variants(variants, model, device_data):
@@ -202,7 +214,9 @@ def time_variants(variants, model, device_data):
   A round's timed steps are a multiple of every variant's refresh interval
   k, so each round has the same share of refresh steps.
   """
-  built = {variant.name: build_step(variant, model, device_data) for variant in variants}
+  built = {
+    variant.name: build_step(variant, model, device_data, FLAGS.batch_size) for variant in variants
+  }
   states = {name: entry[1] for name, entry in built.items()}
   batches = [
     jnp.asarray(np.random.default_rng(i).permutation(NUM_INSTANCES)[: FLAGS.batch_size])
@@ -271,7 +285,7 @@ def main(argv):
   print(f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}")
   times, memory = time_variants(variants, model, device_data)
   for name in FLAGS.memory_only:
-    memory[name] = build_step(parse_variant(name), model, device_data)[2]
+    memory[name] = build_step(parse_variant(name), model, device_data, FLAGS.batch_size)[2]
   # Means within a round, not medians, so that a variant refreshing its
   # reference gradient every k steps pays its share of the refresh steps.
   uniform_means = np.array([np.mean(steps_in_round) for steps_in_round in times["uniform"]])
