@@ -13,8 +13,8 @@ with momentum, same model and batch: the median over rounds of the ratio of
 the two means within a round, with the lowest and highest in brackets), and
 three figures of XLA's analysis of the compiled step with
 their ratios to the uniform step's: floating-point operations, the temporary
-(working) memory, and the peak, which adds the train state and outputs but
-not the shared dataset.
+(working) memory, and the peak, which adds the whole train state, the batch's
+ids and the outputs but not the dataset that all variants share.
 """
 
 import dataclasses
@@ -33,13 +33,33 @@ from configs import default
 from ddlr import steps, train
 from ddlr.models import MODELS, create_model
 
+# Input shapes of the datasets each model is benchmarked on.
+INPUT_SHAPES = {"small_cnn": (28, 28, 1)}
+DEFAULT_INPUT_SHAPE = (32, 32, 3)
+NUM_INSTANCES, NUM_REFERENCE, NUM_CLASSES = 4096, 1000, 10
+PATHS = ("jvp", "layerwise", "vmap", "direct-jvp")
+# References that score each half of the batch against the other half.
+SPLIT_REFERENCES = ("split", "small_loss_split")
+
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "small_cnn", "Model name from ddlr.models.MODELS.")
-flags.DEFINE_integer("width", 0, "Model width; 0 keeps the model's default.")
+flags.DEFINE_enum("model", "small_cnn", sorted(MODELS), "Model name from ddlr.models.MODELS.")
+flags.DEFINE_integer(
+  "width",
+  0,
+  "Model width, for models with a width option. 0 keeps the model's default.",
+  lower_bound=0,
+)
 flags.DEFINE_bool(
   "batch_norm", False, "Add BatchNorm to a model that offers it as an option (small_cnn)."
 )
-flags.DEFINE_integer("batch_size", 128, "Training batch size.")
+flags.DEFINE_integer(
+  "batch_size",
+  128,
+  f"Training batch size, at most the {NUM_INSTANCES} random training instances. Variants "
+  "with a split reference need at least 2, one example per half.",
+  lower_bound=1,
+  upper_bound=NUM_INSTANCES,
+)
 flags.DEFINE_integer(
   "steps",
   32,
@@ -74,13 +94,9 @@ flags.DEFINE_list(
   "memory_only",
   [],
   "Variants (same format) that are compiled for their memory analysis but not timed, e.g. "
-  "vmap/momentum on ResNet-18, whose per-example gradients make a CPU step take minutes.",
+  "vmap/momentum on ResNet-18, whose per-example gradients make a CPU step take minutes. "
+  "A variant listed here must not be in --variants, which lists vmap/momentum by default.",
 )
-
-# Input shapes of the datasets each model is benchmarked on.
-INPUT_SHAPES = {"small_cnn": (28, 28, 1)}
-DEFAULT_INPUT_SHAPE = (32, 32, 3)
-NUM_INSTANCES, NUM_REFERENCE, NUM_CLASSES = 4096, 1000, 10
 
 
 @dataclasses.dataclass
@@ -92,25 +108,34 @@ class Variant:
 
 
 def parse_variant(name: str) -> Variant:
-  """Returns the Variant named `name`, e.g. 'jvp/reference@4'."""
+  """Returns the Variant named `name`, e.g. 'jvp/reference@4'.
+
+  Raises:
+    ValueError: for a name other than 'uniform' or '<path>/<reference>[@k]'
+      with a known path and reference, and k >= 1 only after 'reference'.
+  """
   if name == "uniform":
     return Variant(name, steps.StepSettings(enabled=False))
-  path, _, reference = name.partition("/")
-  reference, _, every = reference.partition("@")
+  path, slash, reference = name.partition("/")
+  reference, at, every = reference.partition("@")
   split_batch_stats = "batch"
   if reference == "split-half":
     reference, split_batch_stats = "split", "half"
-  has_every = "@" in name
-  # Only the `reference` reference reuses its gradient between refreshes.
-  valid_every = not has_every or (
-    every.isdecimal() and int(every) >= 1 and reference == "reference"
-  )
-  if (
-    path not in ("jvp", "vmap", "layerwise", "direct-jvp")
-    or reference not in steps.REFERENCES
-    or not valid_every
-  ):
-    raise ValueError(f"invalid variant {name!r}; see --helpfull for the format.")
+  problem = None
+  if not slash:
+    problem = "expected 'uniform' or '<path>/<reference>[@k]'"
+  elif path not in PATHS:
+    problem = f"unknown path {path!r}, expected one of {', '.join(PATHS)}"
+  elif reference not in steps.REFERENCES:
+    known = ", ".join((*steps.REFERENCES, "split-half"))
+    problem = f"unknown reference {reference!r}, expected one of {known}"
+  elif at and reference != "reference":
+    # Only the `reference` reference reuses its gradient between refreshes.
+    problem = "a refresh interval '@k' applies only to the reference 'reference'"
+  elif at and not (every.isdecimal() and int(every) >= 1):
+    problem = f"the refresh interval after '@' must be a whole number >= 1, not {every!r}"
+  if problem:
+    raise ValueError(f"invalid variant {name!r}: {problem}.")
   settings = steps.StepSettings(
     reference=reference,
     split_batch_stats=split_batch_stats,
@@ -121,7 +146,100 @@ def parse_variant(name: str) -> Variant:
   return Variant(name, settings)
 
 
-def build_step(variant: Variant, model, device_data):
+def timed_variants(names: list[str]) -> list[Variant]:
+  """Parses the --variants names, with the uniform step first whether listed or not."""
+  names = ["uniform"] + [name for name in names if name != "uniform"]
+  return [parse_variant(name) for name in names]
+
+
+def check_variant_names(names: list[str]) -> None:
+  """Raises flags.ValidationError unless each of `names` is a valid variant, listed once."""
+  for name in names:
+    try:
+      parse_variant(name)
+    except ValueError as error:
+      raise flags.ValidationError(str(error)) from error
+  repeated = sorted({name for name in names if names.count(name) > 1})
+  if repeated:
+    raise flags.ValidationError(
+      f"duplicate variant {', '.join(repeated)}, expected each variant once."
+    )
+
+
+def has_option(model_name: str, option: str) -> bool:
+  """Returns whether the constructor of model `model_name` takes the argument `option`."""
+  return option in inspect.signature(MODELS[model_name]).parameters
+
+
+def check_model_option(model_name: str, option: str, value) -> bool:
+  """Raises flags.ValidationError when `value` is set for a model without `option`."""
+  if value and not has_option(model_name, option):
+    models = ", ".join(name for name in sorted(MODELS) if has_option(name, option))
+    raise flags.ValidationError(
+      f"{model_name} has no {option} option, so remove --{option} or pick a model that has "
+      f"one: {models}."
+    )
+  return True
+
+
+# absl runs these validators when it parses the flags, before `main` starts.
+@flags.validator("variants")
+def check_variants(names: list[str]) -> bool:
+  if not names:
+    raise flags.ValidationError("expected at least one variant, e.g. --variants=uniform.")
+  check_variant_names(names)
+  return True
+
+
+@flags.validator("memory_only")
+def check_memory_only(names: list[str]) -> bool:
+  check_variant_names(names)
+  if "uniform" in names:
+    raise flags.ValidationError(
+      "the uniform step is always timed, so remove it from --memory_only."
+    )
+  return True
+
+
+@flags.multi_flags_validator(["variants", "memory_only"])
+def check_variant_lists_disjoint(values) -> bool:
+  both = [name for name in values["memory_only"] if name in values["variants"]]
+  if both:
+    raise flags.ValidationError(
+      f"--variants and --memory_only both list {', '.join(both)}. List each variant in one of them."
+    )
+  return True
+
+
+@flags.multi_flags_validator(["batch_size", "variants", "memory_only"])
+def check_split_batch_size(values) -> bool:
+  split = []
+  for name in values["variants"] + values["memory_only"]:
+    try:
+      settings = parse_variant(name).settings
+    except ValueError:
+      continue  # check_variants and check_memory_only report the invalid name.
+    if settings.enabled and settings.reference in SPLIT_REFERENCES:
+      split.append(name)
+  if split and values["batch_size"] < 2:
+    raise flags.ValidationError(
+      f"variants with a split reference ({', '.join(split)}) score each half of the batch "
+      "against the other half, so they need --batch_size >= 2."
+    )
+  return True
+
+
+@flags.multi_flags_validator(["model", "width"])
+def check_width(values) -> bool:
+  return check_model_option(values["model"], "width", values["width"])
+
+
+@flags.multi_flags_validator(["model", "batch_norm"])
+def check_batch_norm(values) -> bool:
+  return check_model_option(values["model"], "batch_norm", values["batch_norm"])
+
+
+def build_step(variant: Variant, model, device_data, batch_size: int):
   """Returns the jitted step of `variant`, its initial state and its compiled memory."""
   config = default.get_config()
   config.ddlr.enabled = variant.settings.enabled
@@ -137,8 +255,8 @@ def build_step(variant: Variant, model, device_data):
   step = jax.jit(
     functools.partial(steps.train_step, model=model, tx=tx, settings=settings), donate_argnums=0
   )
-  ids = jnp.arange(FLAGS.batch_size)
-  memory = compiled_memory(step.lower(state, device_data, ids).compile(), device_data)
+  ids = jnp.arange(batch_size)
+  memory = compiled_memory(step.lower(state, device_data, ids).compile(), (state, ids))
   if not cache:
     return step, state, memory
 
@@ -147,7 +265,7 @@ def build_step(variant: Variant, model, device_data):
     functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
     donate_argnums=0,
   )
-  refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), device_data)
+  refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), state)
   state = refresh(state, device_data)
   every = settings.reference_every_steps
   steps_done = [0]
@@ -167,13 +285,17 @@ def build_step(variant: Variant, model, device_data):
   return step_and_refresh, state, memory
 
 
-def compiled_memory(compiled, device_data) -> dict[str, int | None]:
+def compiled_memory(compiled, inputs) -> dict[str, int | None]:
   """Returns XLA's cost and memory analysis of a compiled step: FLOPs, and bytes.
 
-  `temp` is the working memory beyond the step's inputs and outputs. `peak`
-  adds the inputs and outputs that are not donated buffers reused in place
-  (train state, ids, the new state and metrics) and leaves out the dataset,
-  which both steps share: it estimates the device memory a step needs.
+  `temp` is the working memory beyond the step's arguments and outputs. `peak`
+  estimates the device memory a step needs besides the dataset, which all
+  variants share. It adds the bytes of `inputs` (the step's other arguments,
+  e.g. train state and ids), the outputs that do not reuse a donated input
+  buffer, and `temp`. Every leaf of `inputs` counts, because the train state
+  stays on the device whether or not the step reads it. XLA's argument size
+  is not used, because jax.jit drops the arguments a step never reads, so it
+  would count only the dataset arrays that this step reads.
   """
   costs = compiled.cost_analysis()
   # Older jax versions return one cost dict per computation in a list.
@@ -182,15 +304,23 @@ def compiled_memory(compiled, device_data) -> dict[str, int | None]:
   analysis = compiled.memory_analysis()
   if analysis is None or not hasattr(analysis, "temp_size_in_bytes"):
     return {"temp": None, "peak": None, "flops": flops}
-  data_bytes = sum(x.nbytes for x in jax.tree.leaves(device_data))
   peak = (
-    analysis.argument_size_in_bytes
+    tree_bytes(inputs)
     + analysis.output_size_in_bytes
     - analysis.alias_size_in_bytes
     + analysis.temp_size_in_bytes
-    - data_bytes
   )
   return {"temp": analysis.temp_size_in_bytes, "peak": peak, "flops": flops}
+
+
+def tree_bytes(tree) -> int:
+  """Returns the bytes of all arrays in `tree`, PRNG key arrays by their key data."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      leaf = jax.random.key_data(leaf)
+    total += leaf.nbytes
+  return total
 
 
 def time_variants(variants, model, device_data):
@@ -202,7 +332,9 @@ def time_variants(variants, model, device_data):
   A round's timed steps are a multiple of every variant's refresh interval
   k, so each round has the same share of refresh steps.
   """
-  built = {variant.name: build_step(variant, model, device_data) for variant in variants}
+  built = {
+    variant.name: build_step(variant, model, device_data, FLAGS.batch_size) for variant in variants
+  }
   states = {name: entry[1] for name, entry in built.items()}
   batches = [
     jnp.asarray(np.random.default_rng(i).permutation(NUM_INSTANCES)[: FLAGS.batch_size])
@@ -230,25 +362,20 @@ def time_variants(variants, model, device_data):
 
 def main(argv):
   del argv
-  variants = [parse_variant(name) for name in FLAGS.variants]
-  if variants[0].name != "uniform":
-    variants.insert(0, parse_variant("uniform"))
+  # Both lists are parsed before anything is built. The flag validators have
+  # already rejected invalid and duplicate names.
+  variants = timed_variants(FLAGS.variants)
+  memory_only = [parse_variant(name) for name in FLAGS.memory_only]
   config = default.get_config().model
   config.name = FLAGS.model
   if FLAGS.width:
     config.width = FLAGS.width
   else:
     del config.width
-  if not FLAGS.batch_norm:
-    del config.batch_norm
-  elif (
-    FLAGS.model in MODELS and "batch_norm" not in inspect.signature(MODELS[FLAGS.model]).parameters
-  ):
-    sys.exit(
-      f"error: --batch_norm applies only to models with a batch_norm option, not {FLAGS.model}."
-    )
-  else:
+  if FLAGS.batch_norm:
     config.batch_norm = True
+  else:
+    del config.batch_norm
   model = create_model(config, NUM_CLASSES)
   shape = INPUT_SHAPES.get(FLAGS.model, DEFAULT_INPUT_SHAPE)
   rng = np.random.default_rng(0)
@@ -270,8 +397,8 @@ def main(argv):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}")
   times, memory = time_variants(variants, model, device_data)
-  for name in FLAGS.memory_only:
-    memory[name] = build_step(parse_variant(name), model, device_data)[2]
+  for variant in memory_only:
+    memory[variant.name] = build_step(variant, model, device_data, FLAGS.batch_size)[2]
   # Means within a round, not medians, so that a variant refreshing its
   # reference gradient every k steps pays its share of the refresh steps.
   uniform_means = np.array([np.mean(steps_in_round) for steps_in_round in times["uniform"]])

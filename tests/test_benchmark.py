@@ -1,11 +1,18 @@
-"""The benchmark script: its variant names and one tiny run end to end."""
+"""The benchmark script: its flags and variant names, memory figures and one tiny run."""
 
+import functools
 import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from absl import flags
 
+from ddlr import steps
+from ddlr.models import SmallCNN
 from scripts import benchmark
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,21 +31,130 @@ def test_variant_names_parse():
 
 
 @pytest.mark.parametrize(
-  "name",
+  ("name", "reason"),
   [
-    "jvp/oracle",
-    "exact/momentum",
-    "jvp",
-    "jvp/reference@0",
-    "jvp/reference@x",
-    "jvp/reference@",
-    "jvp/reference@²",
-    "jvp/split-half@4",
+    ("jvp/oracle", "unknown reference 'oracle', expected one of batch,"),
+    ("exact/momentum", "unknown path 'exact', expected one of jvp, layerwise, vmap, direct-jvp."),
+    ("jvp", "expected 'uniform' or '<path>/<reference>[@k]'."),
+    ("jvp/reference@0", "the refresh interval after '@' must be a whole number >= 1, not '0'."),
+    ("jvp/reference@x", "must be a whole number >= 1, not 'x'."),
+    ("jvp/reference@", "must be a whole number >= 1, not ''."),
+    ("jvp/reference@²", "must be a whole number >= 1, not '²'."),
+    ("jvp/split-half@4", "a refresh interval '@k' applies only to the reference 'reference'."),
   ],
 )
-def test_invalid_variant_raises(name):
-  with pytest.raises(ValueError, match=f"invalid variant '{name}'"):
+def test_invalid_variant_raises(name, reason):
+  with pytest.raises(ValueError, match=f"invalid variant '{name}': ") as raised:
     benchmark.parse_variant(name)
+  assert reason in str(raised.value)
+
+
+def test_timed_variants_put_uniform_first():
+  listed = benchmark.timed_variants(["jvp/split", "uniform", "jvp/momentum"])
+  assert [variant.name for variant in listed] == ["uniform", "jvp/split", "jvp/momentum"]
+  added = benchmark.timed_variants(["jvp/split"])
+  assert [variant.name for variant in added] == ["uniform", "jvp/split"]
+
+
+@pytest.fixture
+def parse_flags():
+  """Parses benchmark flags in this process and restores their defaults afterwards."""
+
+  def parse(*arguments):
+    benchmark.FLAGS(["benchmark", *arguments])
+
+  yield parse
+  benchmark.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+  "arguments",
+  [
+    [],
+    ["--batch_size=1", "--variants=uniform,jvp/momentum,layerwise/reference@4"],
+    ["--batch_size=2", "--variants=jvp/split", "--memory_only=jvp/small_loss_split"],
+    [f"--batch_size={benchmark.NUM_INSTANCES}"],
+    ["--model=wide_resnet"],
+    ["--model=wide_resnet", "--width=0"],
+    ["--model=resnet18", "--width=8"],
+    ["--model=small_cnn", "--batch_norm", "--width=4"],
+    ["--variants=jvp/split,uniform", "--memory_only=vmap/momentum,vmap/split"],
+  ],
+)
+def test_valid_flags_parse(parse_flags, arguments):
+  parse_flags(*arguments)
+
+
+@pytest.mark.parametrize(
+  ("arguments", "flag_values", "message"),
+  [
+    (["--batch_size=0"], "flag --batch_size=0", "not an integer in the range [1, 4096]"),
+    (["--batch_size=-3"], "flag --batch_size=-3", "not an integer in the range [1, 4096]"),
+    (["--batch_size=4097"], "flag --batch_size=4097", "not an integer in the range [1, 4096]"),
+    (
+      ["--batch_size=1", "--variants=uniform,jvp/split"],
+      "flags batch_size=1, variants=['uniform', 'jvp/split'], memory_only=[]",
+      "variants with a split reference (jvp/split) score each half of the batch against the "
+      "other half, so they need --batch_size >= 2.",
+    ),
+    (
+      ["--batch_size=1", "--variants=uniform", "--memory_only=layerwise/small_loss_split"],
+      "flags batch_size=1, variants=['uniform'], memory_only=['layerwise/small_loss_split']",
+      "variants with a split reference (layerwise/small_loss_split)",
+    ),
+    (["--width=-2"], "flag --width=-2", "-2 is not a non-negative integer"),
+    (["--model=nosuch"], "flag --model=nosuch", "value should be one of <densenet_bc|resnet18|"),
+    (
+      ["--variants=foo/momentum"],
+      "flag --variants=['foo/momentum']",
+      "invalid variant 'foo/momentum': unknown path 'foo', expected one of jvp, layerwise, vmap, "
+      "direct-jvp.",
+    ),
+    (["--variants="], "flag --variants=[]", "expected at least one variant"),
+    (
+      ["--model=wide_resnet", "--width=4"],
+      "flags model=wide_resnet, width=4",
+      "wide_resnet has no width option, so remove --width or pick a model that has one: "
+      "resnet18, resnet34, resnet50, small_cnn, vgg16_bn.",
+    ),
+    (
+      ["--model=resnet18", "--batch_norm"],
+      "flags model=resnet18, batch_norm=True",
+      "resnet18 has no batch_norm option, so remove --batch_norm or pick a model that has one: "
+      "small_cnn.",
+    ),
+    (
+      ["--variants=uniform", "--memory_only=bogus"],
+      "flag --memory_only=['bogus']",
+      "invalid variant 'bogus': expected 'uniform' or '<path>/<reference>[@k]'.",
+    ),
+    (
+      ["--variants=uniform,jvp/split,jvp/momentum,jvp/split"],
+      "flag --variants=['uniform', 'jvp/split', 'jvp/momentum', 'jvp/split']",
+      "duplicate variant jvp/split, expected each variant once.",
+    ),
+    (
+      ["--variants=uniform", "--memory_only=vmap/momentum,vmap/momentum"],
+      "flag --memory_only=['vmap/momentum', 'vmap/momentum']",
+      "duplicate variant vmap/momentum",
+    ),
+    (
+      ["--variants=uniform,jvp/split", "--memory_only=jvp/split"],
+      "flags variants=['uniform', 'jvp/split'], memory_only=['jvp/split']",
+      "--variants and --memory_only both list jvp/split. List each variant in one of them.",
+    ),
+    (
+      ["--variants=jvp/split", "--memory_only=uniform"],
+      "flag --memory_only=['uniform']",
+      "the uniform step is always timed, so remove it from --memory_only.",
+    ),
+  ],
+)
+def test_invalid_flags_raise(parse_flags, arguments, flag_values, message):
+  with pytest.raises(flags.IllegalFlagValueError) as raised:
+    parse_flags(*arguments)
+  assert str(raised.value).startswith(f"{flag_values}: ")
+  assert message in str(raised.value)
 
 
 def test_tiny_benchmark_prints_ratios():
@@ -63,3 +179,55 @@ def test_tiny_benchmark_prints_ratios():
   # With BatchNorm, per-half statistics skip the second VJP and tangent.
   flop_ratios = {name: float(cells[4][:-1]) for name, cells in rows.items()}
   assert flop_ratios["jvp/split-half"] < flop_ratios["jvp/split"]
+
+
+def make_device_data(num_reference):
+  rng = np.random.default_rng(0)
+  return steps.DeviceData(
+    train_images=jnp.asarray(rng.normal(size=(64, 28, 28, 1)).astype(np.float32)),
+    train_labels=jnp.asarray(rng.integers(0, 10, 64).astype(np.int32)),
+    reference_images=jnp.asarray(rng.normal(size=(num_reference, 28, 28, 1)).astype(np.float32)),
+    reference_labels=jnp.asarray(rng.integers(0, 10, num_reference).astype(np.int32)),
+  )
+
+
+@functools.cache
+def build_tiny_step(name, num_reference):
+  """Builds variant `name` for a width-2 small CNN and returns its state's bytes and memory."""
+  model = SmallCNN(num_classes=benchmark.NUM_CLASSES, width=2)
+  data = make_device_data(num_reference)
+  _, state, memory = benchmark.build_step(benchmark.parse_variant(name), model, data, 8)
+  return benchmark.tree_bytes(state), memory
+
+
+def test_tree_bytes_matches_xla_arguments():
+  # A function that reads every argument, a PRNG key among them, keeps all of
+  # them, so XLA's argument size is the bytes of every leaf.
+  arguments = {"key": jax.random.key(0), "values": jnp.ones([3, 5], jnp.float32)}
+  compiled = (
+    jax.jit(lambda tree: jax.random.key_data(tree["key"]).sum() + tree["values"].sum())
+    .lower(arguments)
+    .compile()
+  )
+  analysis = compiled.memory_analysis()
+  assert benchmark.tree_bytes(arguments) == 8 + 60
+  assert benchmark.tree_bytes(arguments) == analysis.argument_size_in_bytes
+
+
+@pytest.mark.parametrize(
+  "name", ["uniform", "layerwise/momentum", "jvp/reference", "jvp/reference@4"]
+)
+def test_peak_includes_whole_train_state(name):
+  # The step of uniform and layerwise/momentum never reads the reference split,
+  # jvp/reference does, and jvp/reference@4 reads it in its refresh call.
+  # Each peak adds the train state, the ids and the outputs that do not reuse
+  # a donated buffer to the temporary memory, so it is at least state plus temp.
+  state_bytes, memory = build_tiny_step(name, num_reference=256)
+  assert memory["peak"] >= state_bytes + memory["temp"]
+
+
+@pytest.mark.parametrize("name", ["uniform", "layerwise/momentum"])
+def test_peak_ignores_unread_reference_split(name):
+  small = build_tiny_step(name, num_reference=16)[1]
+  large = build_tiny_step(name, num_reference=256)[1]
+  assert small["peak"] == large["peak"]
