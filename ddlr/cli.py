@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import NoReturn
 
 from absl import app, flags
+from ml_collections import config_flags
 
 from ddlr import checkpoint, train
 from ddlr.config_checks import ConfigError
@@ -75,6 +76,21 @@ def _unknown_override(argv: list[str]) -> str | None:
         return f"--config.{field}: {parent} has no field {part!r}; its fields are: {known}."
       node = node[part]
   return None
+
+
+def define_config_flag(default: str, help_string: str) -> None:
+  """Defines the `--config` flag with a default config file.
+
+  Without `--config=` on the command line, config_flags loads `default` and
+  applies the command line's `--config.<field>` overrides while the flag is
+  defined, so an unknown field fails here, before `parse_flags`. That ends
+  the program with one error line too.
+  """
+  try:
+    config_flags.DEFINE_config_file("config", default, help_string)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    argv = [*sys.argv, f"--config={default}"]
+    exit_with_error(_unknown_override(argv) or f"cannot load the config {default}: {error}")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

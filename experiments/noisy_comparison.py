@@ -19,13 +19,11 @@ that small loss sets its forget rate tau to the setting's true noise rate,
 as Co-teaching does when the rate is known.
 """
 
-import sys
-
 import ml_collections
 from absl import app, flags
 
 from configs import default
-from ddlr import steps
+from ddlr import cli, steps
 from experiments import sweep
 
 NOISE_SETTINGS = {
@@ -126,9 +124,9 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     if unknown:
       raise ValueError(f"--settings has unknown {unknown}; expected some of {list(NOISE_SETTINGS)}")
+    sweep.check_unique("--settings", FLAGS.settings)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
   config = base_config(FLAGS.size)
   for setting in FLAGS.settings:
     kind, rate = NOISE_SETTINGS[setting]
@@ -165,4 +163,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

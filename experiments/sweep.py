@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from ddlr import checkpoint, train
+from ddlr.config_checks import validate_config
 
 # (summary key, column title) of the default table.
 DEFAULT_COLUMNS = (
@@ -67,16 +68,22 @@ def run_or_load(config, workdir: str) -> dict:
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[str, list[dict]]:
   """Trains (or reuses) every row for every seed.
 
+  Every row's config is validated before the first run trains, so an invalid
+  value fails at once rather than after the rows before it have trained.
+
   Returns:
     The summaries, keyed by row name, one per seed in the order of `seeds`.
 
   Raises:
     ValueError: two rows share a name.
+    ConfigError: a row's config is invalid.
   """
   names = [row.name for row in rows]
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
     raise ValueError(f"sweep rows must have unique names; repeated: {duplicates}")
+  for row in rows:
+    validate_config(row.config)
   summaries = {}
   for row in rows:
     summaries[row.name] = []
@@ -187,7 +194,7 @@ def parse_seeds(values: Sequence[str]) -> list[int]:
   """Returns the integer seeds of a `--seeds` list flag.
 
   Raises:
-    ValueError: a value is not an integer (the message names it).
+    ValueError: a value is not an integer or is repeated (the message names it).
   """
   seeds = []
   for value in values:
@@ -197,4 +204,16 @@ def parse_seeds(values: Sequence[str]) -> list[int]:
       raise ValueError(f"--seeds must be comma-separated integers, got {value!r}") from None
   if not seeds:
     raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds=0,1,2")
+  check_unique("--seeds", [str(seed) for seed in seeds])
   return seeds
+
+
+def check_unique(flag: str, values: Sequence[str]) -> None:
+  """Raises ValueError naming the values that the list flag `flag` repeats.
+
+  A repeated value would make two rows share a run directory, or count one
+  run twice in a mean.
+  """
+  repeated = sorted({value for value in values if values.count(value) > 1})
+  if repeated:
+    raise ValueError(f"{flag} lists {', '.join(repeated)} more than once; give each value once.")

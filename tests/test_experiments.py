@@ -8,6 +8,7 @@ import pytest
 from configs import default
 from configs import personalisation as personalisation_config
 from ddlr import checkpoint
+from ddlr.config_checks import ConfigError
 from experiments import personalisation, sweep, uniform_vs_ddlr
 
 
@@ -44,6 +45,16 @@ def test_run_rows_reuses_every_seed(tmp_path):
   rows = [sweep.Row("uniform", default.get_config("quick"))]
   summaries = sweep.run_rows(rows, [3, 4], str(tmp_path))
   assert summaries == {"uniform": [{"seed": 3}, {"seed": 4}]}
+
+
+def test_run_rows_validates_every_row_first(tmp_path):
+  valid = default.get_config("quick")
+  invalid = default.get_config("quick")
+  invalid.train.batch_size = 0
+  rows = [sweep.Row("uniform", valid), sweep.Row("ddlr", invalid)]
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=0 is invalid"):
+    sweep.run_rows(rows, [0], str(tmp_path))
+  assert not (tmp_path / "uniform_seed0").exists()
 
 
 def test_run_rows_rejects_repeated_names(tmp_path):
@@ -95,6 +106,8 @@ def test_parse_seeds_names_bad_value():
   assert sweep.parse_seeds(["0", "2"]) == [0, 2]
   with pytest.raises(ValueError, match="got 'x'"):
     sweep.parse_seeds(["0", "x"])
+  with pytest.raises(ValueError, match="--seeds lists 1 more than once"):
+    sweep.parse_seeds(["1", "0", "1"])
 
 
 def test_uniform_vs_ddlr_rows_differ_only_in_switch():
