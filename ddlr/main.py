@@ -46,7 +46,8 @@ def main(argv: list[str]) -> None:
     cli.exit_with_error(error)
   if not summary["completed"]:
     print(
-      f"stopped after step {summary['step']} as config.train.stop_after_steps asks; "
+      f"stopped after step {summary['step']} of {summary['total_steps']} as "
+      "config.train.stop_after_steps asks; "
       "rerun without it, or with a later step, to continue."
     )
     return
