@@ -47,6 +47,15 @@ def test_run_rows_reuses_every_seed(tmp_path):
   assert summaries == {"uniform": [{"seed": 3}, {"seed": 4}]}
 
 
+def test_finished_run_is_reused_with_stop_step(tmp_path):
+  config = default.get_config("quick")
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  # A finished run has no steps left to stop before; training would fail here,
+  # as there are no checkpoints, and would rewrite the run's outputs.
+  config.train.stop_after_steps = 5
+  assert sweep.run_or_load(config, str(tmp_path)) == {"auroc": 0.5}
+
+
 def test_run_rows_validates_every_row_first(tmp_path):
   valid = default.get_config("quick")
   invalid = default.get_config("quick")
