@@ -80,7 +80,8 @@ def main(argv: list[str]) -> None:
     rows = architecture_rows(FLAGS.dataset, FLAGS.models, FLAGS.small)
   except ValueError as error:
     cli.exit_with_error(error)
-  sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":

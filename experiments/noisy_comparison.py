@@ -128,14 +128,21 @@ def main(argv: list[str]) -> None:
   except ValueError as error:
     cli.exit_with_error(error)
   config = base_config(FLAGS.size)
+  # Every setting runs before the exit, so one sweep command advances all of them.
+  incomplete, num_runs = [], 0
   for setting in FLAGS.settings:
     kind, rate = NOISE_SETTINGS[setting]
     rows = method_rows(config, kind, rate, FLAGS.untrusted_reference)
-    summaries = sweep.run_rows(rows, seeds, f"{FLAGS.workdir}/{setting}")
+    setting_dir = f"{FLAGS.workdir}/{setting}"
+    summaries = sweep.run_rows(rows, seeds, setting_dir)
+    setting_incomplete = sweep.incomplete_runs(summaries, seeds, setting_dir)
     table = setting_table(setting, rows, summaries, seeds)
-    path = sweep.write_table(FLAGS.workdir, table, f"results_{setting}.md")
-    print(table)
-    print(f"table written to {path}")
+    sweep.write_and_print(
+      FLAGS.workdir, table, setting_incomplete, len(rows) * len(seeds), f"results_{setting}.md"
+    )
+    incomplete += setting_incomplete
+    num_runs += len(rows) * len(seeds)
+  sweep.exit_if_incomplete(incomplete, num_runs)
 
 
 def define_flags() -> None:

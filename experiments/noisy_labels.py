@@ -119,7 +119,8 @@ def main(argv: list[str]) -> None:
     rows = noise_rows(FLAGS.dataset, FLAGS.model, FLAGS.settings, FLAGS.small)
   except ValueError as error:
     cli.exit_with_error(error)
-  sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":

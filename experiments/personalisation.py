@@ -156,10 +156,11 @@ def main(argv: list[str]) -> None:
   except ValueError as error:
     cli.exit_with_error(error)
   summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
+  incomplete = sweep.incomplete_runs(summaries, seeds, FLAGS.workdir)
+  num_runs = len(rows) * len(seeds)
   table = tables(summaries, seeds, FLAGS.transform)
-  path = sweep.write_table(FLAGS.workdir, table)
-  print(table)
-  print(f"table written to {path}")
+  sweep.write_and_print(FLAGS.workdir, table, incomplete, num_runs)
+  sweep.exit_if_incomplete(incomplete, num_runs)
 
 
 if __name__ == "__main__":

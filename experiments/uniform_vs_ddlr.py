@@ -43,7 +43,9 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
   except ValueError as error:
     cli.exit_with_error(error)
-  sweep.run_and_report(method_rows(FLAGS.config), seeds, FLAGS.workdir, relative_time_to="uniform")
+  rows = method_rows(FLAGS.config)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, relative_time_to="uniform")
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":
