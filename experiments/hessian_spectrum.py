@@ -267,6 +267,9 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   }
   record = load_record(record_path, settings, header)
   model = create_model(config.model, data.num_classes)
+  # The report mentions BatchNorm in eval mode only for a model with BatchNorm layers.
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), data.images[:1], train=False))
+  record["batch_norm"] = bool(jax.tree.leaves(variables.get("batch_stats", {})))
   hvp = hessian.HessianVectorProduct(model, chunk_size=settings.chunk_size)
   train_dir = os.path.join(workdir, "train")
 
