@@ -48,7 +48,9 @@ SAFE_TO_CHANGE = frozenset(
 )
 # Fields of SAFE_TO_CHANGE that leave a finished run's results as they are:
 # a finished run differing from the new config only in these is reused.
-OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs", "train.stop_after_steps"}
+# train.stop_after_steps is one of them, since a finished run has no steps left
+# to stop before.
+OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs"}
 # Fields added to the config after runs were saved without them, each with the
 # value that trains as those runs did. A saved config that lacks one of these
 # fields is read as having that value.

@@ -8,77 +8,19 @@ the config, the data or the run's numerics end the program with one line on
 standard error and exit status 1.
 """
 
-import importlib.util
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlr import checkpoint, train
-from ddlr.config_checks import ConfigError
-from ddlr.data import DataError
+from ddlr import cli, train
 
 FLAGS = flags.FLAGS
 _CHATTY_LIBRARIES = ("orbax", "tensorflow_datasets")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, rates and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-def _unknown_override(argv: list[str]) -> str | None:
-  """Returns a message naming the first `--config.<field>` override the config lacks."""
-  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
-  if config_arg is None:
-    return None
-  path, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("ddlr_config_file", path)
-  if spec is None or spec.loader is None:
-    return None
-  module = importlib.util.module_from_spec(spec)
-  try:
-    spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
-  except Exception:  # noqa: BLE001 - the original parse error is reported instead
-    return None
-  for argument in argv:
-    if not argument.startswith("--config."):
-      continue
-    field = argument.removeprefix("--config.").split("=", 1)[0]
-    node = config
-    for depth, part in enumerate(field.split(".")):
-      if not hasattr(node, "keys") or part not in node:
-        parent = ".".join(field.split(".")[:depth]) or "the config"
-        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
-        return f"--config.{field}: {parent} has no field {part!r}; its fields are: {known}."
-      node = node[part]
-  return None
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """Parses the command line, turning a bad config file or override into one error line."""
-  try:
-    remaining = FLAGS(argv)
-    # The config file is loaded lazily; loading it here reports a missing or
-    # broken file before any work starts.
-    FLAGS.config.keys()
-    return remaining
-  except OSError as error:
-    print(f"error: {' '.join(line.strip() for line in str(error).splitlines())}", file=sys.stderr)
-    sys.exit(1)
-  except flags.Error as error:
-    # A config file that raises is reported with its whole traceback; the
-    # first line names the flag and the last one the exception.
-    lines = str(error).strip().splitlines()
-    message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
-  except (AttributeError, KeyError, TypeError, ValueError) as error:
-    # config_flags applies --config.<field>=<value> while parsing, so an
-    # unknown field or a value of the wrong type surfaces here.
-    message = _unknown_override(argv) or f"cannot load the config: {error}"
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
 
 
 def _resume_hint(workdir: str) -> str:
@@ -111,21 +53,15 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   try:
     summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (
-    ConfigError,
-    DataError,
-    checkpoint.ResumeError,
-    train.NonFiniteLossError,
-    OSError,
-  ) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+  except cli.RUN_ERRORS as error:
+    cli.exit_with_error(error)
   except KeyboardInterrupt:
     print(f"interrupted; {_resume_hint(FLAGS.workdir)}", file=sys.stderr)
-    sys.exit(130)  # the shell's status for a SIGINT
+    sys.exit(cli.INTERRUPTED_STATUS)
   if not summary["completed"]:
     print(
-      f"stopped after step {summary['step']} as config.train.stop_after_steps asks; "
+      f"stopped after step {summary['step']} of {summary['total_steps']} as "
+      "config.train.stop_after_steps asks; "
       "rerun without it, or with a later step, to continue."
     )
     return
@@ -154,4 +90,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

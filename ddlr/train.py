@@ -183,7 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns:
     The summary: last- and best-epoch test accuracy, rate statistics, AUROC of
     the rates against the corruption mask, and timing. A run stopped by
-    `config.train.stop_after_steps` returns `{"completed": False, "step": ...}`.
+    `config.train.stop_after_steps` returns `{"completed": False, "step": ...,
+    "total_steps": ...}`, the step it reached and the step it would end at.
 
   Raises:
     ConfigError, DataError, checkpoint.ResumeError: for invalid input.
@@ -229,7 +230,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   finally:
     manager.close()
   if not completed:
-    return {"completed": False, "step": int(state.step)}
+    return {"completed": False, "step": int(state.step), "total_steps": run.total_steps}
   finetuned = _finetune(run, state) if config.finetune.epochs else {}
   return summary_lib.write_final_outputs(run, state, loop, finetuned)
 

@@ -21,10 +21,9 @@ Rerunning the same command reuses finished runs and resumes interrupted ones.
 The table is written to `results.md` in the workdir.
 """
 
-import sys
-
 from absl import app, flags
 
+from ddlr import cli
 from experiments import paper_configs, sweep
 
 FLAGS = flags.FLAGS
@@ -40,8 +39,10 @@ def architecture_rows(dataset: str, models: list[str], small: bool) -> list[swee
   """Returns a uniform and a ddlr row for every model, grouped by model.
 
   Raises:
-    ValueError: for an unknown dataset or a model its config does not offer.
+    ValueError: for an unknown dataset, a model its config does not offer or
+      a model listed twice.
   """
+  sweep.check_unique("--models", models)
   available = paper_configs.models_of(dataset)
   unknown = [model for model in models if model not in available]
   if unknown:
@@ -78,11 +79,11 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     rows = architecture_rows(FLAGS.dataset, FLAGS.models, FLAGS.small)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+    cli.exit_with_error(error)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

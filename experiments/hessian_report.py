@@ -57,10 +57,12 @@ def spectrum_table(record: dict) -> str:
   """Returns a Markdown table: one row per (epoch, class), the eigenvalues largest first."""
   settings = record["settings"]
   k = settings["top_k"]
+  # A record written before the "batch_norm" key existed gets no BatchNorm mention.
+  batch_norm = "BatchNorm in eval mode, " if record.get("batch_norm") else ""
   lines = [
     f"Top {k} Hessian eigenvalues of the mean cross-entropy over {settings['examples_per_class']} "
-    f"training examples per class ({record['dataset']}, {record['model']}, BatchNorm in eval "
-    f"mode, {settings['num_iterations']} Lanczos iterations). The last column is the largest "
+    f"training examples per class ({record['dataset']}, {record['model']}, {batch_norm}"
+    f"{settings['num_iterations']} Lanczos iterations). The last column is the largest "
     "residual norm, a bound on each value's distance to an eigenvalue.",
     "",
     "| epoch | class | " + " | ".join(f"λ{i}" for i in range(1, k + 1)) + " | max residual |",

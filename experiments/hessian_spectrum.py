@@ -34,10 +34,9 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from configs import default as default_config
-from ddlr import checkpoint, hessian, reporting, train
+from ddlr import checkpoint, cli, hessian, reporting, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
@@ -268,6 +267,9 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   }
   record = load_record(record_path, settings, header)
   model = create_model(config.model, data.num_classes)
+  # The report mentions BatchNorm in eval mode only for a model with BatchNorm layers.
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), data.images[:1], train=False))
+  record["batch_norm"] = bool(jax.tree.leaves(variables.get("batch_stats", {})))
   hvp = hessian.HessianVectorProduct(model, chunk_size=settings.chunk_size)
   train_dir = os.path.join(workdir, "train")
 
@@ -299,24 +301,17 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
   logging.set_verbosity(logging.INFO)
-  if FLAGS.small and FLAGS["config"].present:
-    print(
-      "error: --small trains its own config; give --small or --config, not both.", file=sys.stderr
+  overrides = [arg for arg in sys.argv if arg.startswith("--config.")]
+  if FLAGS.small and (FLAGS["config"].present or overrides):
+    cli.exit_with_error(
+      "--small trains its own config; give --small or --config and its overrides, not both."
     )
-    sys.exit(1)
-  if FLAGS.small:
-    config = small_config()
-  else:
-    path = config_flags.get_config_filename(FLAGS["config"])
-    if not os.path.exists(path):
-      print(f"error: --config file {path} not found; give a config or --small.", file=sys.stderr)
-      sys.exit(1)
-    config = FLAGS.config
+  # cli.parse_flags has loaded --config already, so a missing file ended the program there.
+  config = small_config() if FLAGS.small else FLAGS.config
   try:
     classes = tuple(int(text) for text in FLAGS.classes)
   except ValueError:
-    print(f"error: --classes={FLAGS.classes} is invalid; expected integer ids.", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(f"--classes={FLAGS.classes} is invalid; expected integer ids.")
   settings = SpectrumSettings(
     classes=classes,
     examples_per_class=FLAGS.examples_per_class,
@@ -326,25 +321,15 @@ def main(argv: list[str]) -> None:
     sample_seed=FLAGS.sample_seed,
     lanczos_seed=FLAGS.lanczos_seed,
   )
-  try:
-    record = run(config, FLAGS.workdir, FLAGS.epochs, settings)
-  except (
-    ConfigError,
-    data_lib.DataError,
-    checkpoint.ResumeError,
-    train.NonFiniteLossError,
-    OSError,
-  ) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+  record = run(config, FLAGS.workdir, FLAGS.epochs, settings)
   print(hessian_report.spectrum_table(record))
   print(f"outputs in {FLAGS.workdir}")
 
 
 def define_flags() -> None:
   """Defines the command-line flags; only the entry point calls it, so tests can import this."""
-  config_flags.DEFINE_config_file(
-    "config", "configs/cifar.py", "Experiment config file to train; ignored with --small."
+  cli.define_config_flag(
+    "configs/cifar.py", "Experiment config file to train; rejected with --small."
   )
   flags.DEFINE_string("workdir", None, "Directory for the training run and the spectrum outputs.")
   flags.DEFINE_bool(
@@ -369,4 +354,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

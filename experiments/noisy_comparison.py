@@ -19,13 +19,11 @@ that small loss sets its forget rate tau to the setting's true noise rate,
 as Co-teaching does when the rate is known.
 """
 
-import sys
-
 import ml_collections
 from absl import app, flags
 
 from configs import default
-from ddlr import steps
+from ddlr import cli, steps
 from experiments import sweep
 
 NOISE_SETTINGS = {
@@ -126,18 +124,25 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     if unknown:
       raise ValueError(f"--settings has unknown {unknown}; expected some of {list(NOISE_SETTINGS)}")
+    sweep.check_unique("--settings", FLAGS.settings)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
   config = base_config(FLAGS.size)
+  # Every setting runs before the exit, so one sweep command advances all of them.
+  incomplete, num_runs = [], 0
   for setting in FLAGS.settings:
     kind, rate = NOISE_SETTINGS[setting]
     rows = method_rows(config, kind, rate, FLAGS.untrusted_reference)
-    summaries = sweep.run_rows(rows, seeds, f"{FLAGS.workdir}/{setting}")
+    setting_dir = f"{FLAGS.workdir}/{setting}"
+    summaries = sweep.run_rows(rows, seeds, setting_dir)
+    setting_incomplete = sweep.incomplete_runs(summaries, seeds, setting_dir)
     table = setting_table(setting, rows, summaries, seeds)
-    path = sweep.write_table(FLAGS.workdir, table, f"results_{setting}.md")
-    print(table)
-    print(f"table written to {path}")
+    sweep.write_and_print(
+      FLAGS.workdir, table, setting_incomplete, len(rows) * len(seeds), f"results_{setting}.md"
+    )
+    incomplete += setting_incomplete
+    num_runs += len(rows) * len(seeds)
+  sweep.exit_if_incomplete(incomplete, num_runs)
 
 
 def define_flags() -> None:
@@ -165,4 +170,4 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

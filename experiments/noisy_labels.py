@@ -22,11 +22,10 @@ Rerunning the same command reuses finished runs and resumes interrupted ones.
 The table is written to `results.md` in the workdir.
 """
 
-import sys
-
 from absl import app, flags
 
 from configs import common
+from ddlr import cli
 from experiments import paper_configs, sweep
 
 FLAGS = flags.FLAGS
@@ -72,15 +71,18 @@ def noise_rows(dataset: str, model: str, settings: list[str], small: bool) -> li
   """Returns a uniform and a ddlr row for every noise setting, grouped by setting.
 
   Raises:
-    ValueError: for an invalid setting, dataset or model.
+    ValueError: for an invalid setting, dataset or model, or a setting listed twice.
   """
   if model not in paper_configs.models_of(dataset):
     raise ValueError(
       f"--model={model!r} is invalid for {dataset}; expected one of "
       f"{', '.join(paper_configs.models_of(dataset))}."
     )
+  parsed = [parse_setting(setting) for setting in settings]
+  # Row names carry the rate as %g, so 0.4 and 0.40 are the same setting.
+  sweep.check_unique("--settings", [f"{kind}:{rate:g}" for kind, rate in parsed])
   rows = []
-  for kind, rate in map(parse_setting, settings):
+  for kind, rate in parsed:
     group = f"{kind} {rate:g}"
     for method in paper_configs.METHODS:
       config = paper_configs.build_config(
@@ -116,11 +118,11 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     rows = noise_rows(FLAGS.dataset, FLAGS.model, FLAGS.settings, FLAGS.small)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+    cli.exit_with_error(error)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

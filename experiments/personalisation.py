@@ -31,15 +31,10 @@ target-test accuracy and, for covariate shift, the AUROC of the learned rates
 for "training image is from the target domain".
 """
 
-import sys
-
 import ml_collections
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-from ddlr import checkpoint, train
-from ddlr.config_checks import ConfigError
-from ddlr.data import DataError
+from ddlr import cli
 from experiments import sweep
 
 FLAGS = flags.FLAGS
@@ -125,8 +120,8 @@ def tables(summaries: dict[str, list[dict]], seeds: list[int], transform: str) -
 
 def define_flags() -> None:
   """Defines the command-line flags; only when run as a program, so tests can import this module."""
-  config_flags.DEFINE_config_file(
-    "config", "configs/personalisation.py", "Experiment config file; ':cpu' or ':quick' shrinks it."
+  cli.define_config_flag(
+    "configs/personalisation.py", "Experiment config file; ':cpu' or ':quick' shrinks it."
   )
   flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
   flags.DEFINE_list("seeds", ["0", "1", "2"], "Comma-separated training seeds.")
@@ -150,6 +145,7 @@ def main(argv: list[str]) -> None:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     if unknown:
       raise ValueError(f"--methods has unknown names {unknown}; expected some of {list(METHODS)}")
+    sweep.check_unique("--methods", methods)
     rows = sweep_rows(
       FLAGS.config,
       transform=FLAGS.transform,
@@ -158,19 +154,15 @@ def main(argv: list[str]) -> None:
       methods=methods,
     )
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  try:
-    summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
-  except (ConfigError, DataError, checkpoint.ResumeError, train.NonFiniteLossError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
+    cli.exit_with_error(error)
+  summaries = sweep.run_rows(rows, seeds, FLAGS.workdir)
+  incomplete = sweep.incomplete_runs(summaries, seeds, FLAGS.workdir)
+  num_runs = len(rows) * len(seeds)
   table = tables(summaries, seeds, FLAGS.transform)
-  path = sweep.write_table(FLAGS.workdir, table)
-  print(table)
-  print(f"table written to {path}")
+  sweep.write_and_print(FLAGS.workdir, table, incomplete, num_runs)
+  sweep.exit_if_incomplete(incomplete, num_runs)
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

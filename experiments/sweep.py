@@ -4,11 +4,17 @@ A sweep is a list of `Row`s (a name, a config and an optional group) run for
 every seed. Each run trains in `workdir/<name>_seed<k>`. A finished run with
 the same config is reused and an interrupted run resumes from its latest
 checkpoint, so a sweep can be stopped and restarted at any point.
+
+A run stopped by `config.train.stop_after_steps` before its last step has no
+results yet. The tables mark its row `incomplete`, the written file starts
+with a list of such runs, and `exit_if_incomplete` ends the program with
+`INCOMPLETE_EXIT_STATUS`.
 """
 
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -16,6 +22,7 @@ import numpy as np
 from absl import logging
 
 from ddlr import checkpoint, train
+from ddlr.config_checks import validate_config
 
 # (summary key, column title) of the default table.
 DEFAULT_COLUMNS = (
@@ -24,6 +31,10 @@ DEFAULT_COLUMNS = (
   ("auroc", "AUROC"),
   ("seconds_per_step", "s/step"),
 )
+# Cell text of a row with a run that has not reached its last step.
+INCOMPLETE = "incomplete"
+# Exit status of a sweep that wrote its tables with incomplete rows, distinct from the 1 of errors.
+INCOMPLETE_EXIT_STATUS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +44,28 @@ class Row:
   name: str  # also the run directory prefix, so it must be unique within a sweep
   config: ml_collections.ConfigDict
   group: str = ""  # rows with the same group share a sub-table heading
+
+
+@dataclasses.dataclass(frozen=True)
+class IncompleteRun:
+  """A run of a sweep that stopped at `config.train.stop_after_steps` before its last step."""
+
+  name: str  # the row's name
+  seed: int
+  directory: str
+  step: int  # the step the run stopped after
+  total_steps: int  # the step the run ends at when finished
+
+
+def run_directory(workdir: str, name: str, seed: int) -> str:
+  """Returns the directory of the run of row `name` with `seed`."""
+  return os.path.join(workdir, f"{name}_seed{seed}")
+
+
+def is_finished(summary: dict) -> bool:
+  """Returns whether `summary` is a finished run's, not the step reached by a stopped run."""
+  # A summary.json lacking the key predates it and was written by a finished run.
+  return summary.get("completed", True)
 
 
 def run_or_load(config, workdir: str) -> dict:
@@ -67,26 +100,76 @@ def run_or_load(config, workdir: str) -> dict:
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[str, list[dict]]:
   """Trains (or reuses) every row for every seed.
 
+  Every row's config is validated before the first run trains, so an invalid
+  value fails at once rather than after the rows before it have trained.
+
   Returns:
     The summaries, keyed by row name, one per seed in the order of `seeds`.
+    A run stopped by `config.train.stop_after_steps` gives
+    `{"completed": False, "step": ..., "total_steps": ...}`.
 
   Raises:
     ValueError: two rows share a name.
+    ConfigError: a row's config is invalid.
   """
   names = [row.name for row in rows]
   duplicates = sorted({name for name in names if names.count(name) > 1})
   if duplicates:
     raise ValueError(f"sweep rows must have unique names; repeated: {duplicates}")
+  for row in rows:
+    validate_config(row.config)
   summaries = {}
   for row in rows:
     summaries[row.name] = []
     for seed in seeds:
       config = row.config.copy_and_resolve_references()
       config.seed = seed
-      run_dir = os.path.join(workdir, f"{row.name}_seed{seed}")
+      run_dir = run_directory(workdir, row.name, seed)
       logging.info("Sweep run %s, seed %d, in %s.", row.name, seed, run_dir)
       summaries[row.name].append(run_or_load(config, run_dir))
   return summaries
+
+
+def incomplete_runs(
+  summaries: dict[str, list[dict]], seeds: Sequence[int], workdir: str
+) -> list[IncompleteRun]:
+  """Returns the runs of `summaries` (as `run_rows` returns them) that have not finished."""
+  return [
+    IncompleteRun(name, seed, run_directory(workdir, name, seed), run["step"], run["total_steps"])
+    for name, runs in summaries.items()
+    for seed, run in zip(seeds, runs, strict=True)
+    if not is_finished(run)
+  ]
+
+
+def incomplete_notice(incomplete: Sequence[IncompleteRun], num_runs: int) -> str:
+  """Returns a Markdown paragraph listing the incomplete runs and how to resume them."""
+  lines = [
+    f"Incomplete: {len(incomplete)} of {num_runs} runs stopped at config.train.stop_after_steps "
+    f"before their last step, so their rows read `{INCOMPLETE}`:",
+    "",
+  ]
+  for run in incomplete:
+    lines.append(
+      f"- {run.name}, seed {run.seed}: step {run.step} of {run.total_steps}, in {run.directory}"
+    )
+  lines += [
+    "",
+    "To resume them, rerun this command without --config.train.stop_after_steps, or with a "
+    "later step.",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def exit_if_incomplete(incomplete: Sequence[IncompleteRun], num_runs: int) -> None:
+  """Prints the incomplete runs on standard error and exits with `INCOMPLETE_EXIT_STATUS`.
+
+  Returns without output when `incomplete` is empty.
+  """
+  if not incomplete:
+    return
+  print(incomplete_notice(incomplete, num_runs), file=sys.stderr, end="")
+  sys.exit(INCOMPLETE_EXIT_STATUS)
 
 
 def format_cell(values: Sequence[float], digits: int = 4) -> str:
@@ -112,7 +195,8 @@ def results_table(
     summaries: row name -> summaries (as `run_rows` returns).
     seeds: the seeds the summaries came from, stated above the table.
     columns: (summary key, title) pairs; a key absent from a run is left out
-      of that cell, and a cell with no values reads `n/a`.
+      of that cell, and a cell with no values reads `n/a`. Every cell of a row
+      with an unfinished run reads `incomplete`.
     groups: optional row name -> group title; rows are listed in the order of
       `summaries` under a bold group line whenever the group changes.
     relative_time_to: a row name; adds a column with each row's median
@@ -124,7 +208,9 @@ def results_table(
   titles = [title for _, title in columns]
   if relative_time_to is not None:
     titles.append(f"time/step vs {relative_time_to}")
-    reference_time = _median_time(summaries[relative_time_to])
+    reference_runs = summaries[relative_time_to]
+    reference_finished = all(map(is_finished, reference_runs))
+    reference_time = _median_time(reference_runs)
   lines = [f"Seeds: {', '.join(map(str, seeds))}.", ""]
   lines.append("| method | " + " | ".join(titles) + " |")
   lines.append("|---" * (len(titles) + 1) + "|")
@@ -134,10 +220,15 @@ def results_table(
     if group is not None and group != current_group:
       lines.append(f"| **{group}** |" + " |" * len(titles))
       current_group = group
+    if not all(map(is_finished, runs)):
+      lines.append(f"| {name} | " + " | ".join([INCOMPLETE] * len(titles)) + " |")
+      continue
     cells = [
       format_cell([run[key] for run in runs if run.get(key) is not None]) for key, _ in columns
     ]
-    if relative_time_to is not None:
+    if relative_time_to is not None and not reference_finished:
+      cells.append(INCOMPLETE)
+    elif relative_time_to is not None:
       time = _median_time(runs)
       ratio = time / reference_time if time and reference_time else None
       cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
@@ -159,6 +250,33 @@ def write_table(workdir: str, table: str, name: str = "results.md") -> str:
   return path
 
 
+def write_and_print(
+  workdir: str,
+  table: str,
+  incomplete: Sequence[IncompleteRun],
+  num_runs: int,
+  name: str = "results.md",
+) -> str:
+  """Writes `table` to `workdir/name`, after the incomplete notice if a run is unfinished.
+
+  Prints the table and the path. The caller ends with `exit_if_incomplete`,
+  which prints the notice.
+
+  Returns:
+    The path written.
+  """
+  text = table
+  if incomplete:
+    text = incomplete_notice(incomplete, num_runs) + "\n" + table
+  path = write_table(workdir, text, name)
+  print(table)
+  if incomplete:
+    print(f"partial table, with {len(incomplete)} incomplete runs, written to {path}")
+  else:
+    print(f"table written to {path}")
+  return path
+
+
 def run_and_report(
   rows: Sequence[Row],
   seeds: Sequence[int],
@@ -166,28 +284,28 @@ def run_and_report(
   columns: Sequence[tuple[str, str]] = DEFAULT_COLUMNS,
   *,
   relative_time_to: str | None = None,
-) -> str:
+) -> list[IncompleteRun]:
   """Runs every row for every seed, then writes `results.md` and prints the table.
 
-  Rows with a non-empty group are listed under their group's heading.
+  Rows with a non-empty group are listed under their group's heading. With
+  incomplete runs the table is still written, see `write_and_print`.
 
   Returns:
-    The Markdown table.
+    The runs that have not finished, for `exit_if_incomplete`.
   """
   summaries = run_rows(rows, seeds, workdir)
   groups = {row.name: row.group for row in rows if row.group} or None
   table = results_table(summaries, seeds, columns, groups=groups, relative_time_to=relative_time_to)
-  path = write_table(workdir, table)
-  print(table)
-  print(f"table written to {path}")
-  return table
+  incomplete = incomplete_runs(summaries, seeds, workdir)
+  write_and_print(workdir, table, incomplete, len(rows) * len(seeds))
+  return incomplete
 
 
 def parse_seeds(values: Sequence[str]) -> list[int]:
   """Returns the integer seeds of a `--seeds` list flag.
 
   Raises:
-    ValueError: a value is not an integer (the message names it).
+    ValueError: a value is not an integer or is repeated (the message names it).
   """
   seeds = []
   for value in values:
@@ -197,4 +315,16 @@ def parse_seeds(values: Sequence[str]) -> list[int]:
       raise ValueError(f"--seeds must be comma-separated integers, got {value!r}") from None
   if not seeds:
     raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds=0,1,2")
+  check_unique("--seeds", [str(seed) for seed in seeds])
   return seeds
+
+
+def check_unique(flag: str, values: Sequence[str]) -> None:
+  """Raises ValueError naming the values that the list flag `flag` repeats.
+
+  A repeated value would make two rows share a run directory, or count one
+  run twice in a mean.
+  """
+  repeated = sorted({value for value in values if values.count(value) > 1})
+  if repeated:
+    raise ValueError(f"{flag} lists {', '.join(repeated)} more than once; give each value once.")

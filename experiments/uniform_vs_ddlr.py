@@ -10,11 +10,9 @@ of the last- and best-epoch test accuracy, the AUROC of the learned rates
 against the corruption mask, and the seconds per step.
 """
 
-import sys
-
 from absl import app, flags
-from ml_collections import config_flags
 
+from ddlr import cli
 from experiments import sweep
 
 FLAGS = flags.FLAGS
@@ -22,7 +20,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the command-line flags; only the entry point calls it, so tests can import this."""
-  config_flags.DEFINE_config_file("config", "configs/default.py", "Experiment config file.")
+  cli.define_config_flag("configs/default.py", "Experiment config file.")
   flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
   flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
   flags.mark_flags_as_required(["workdir"])
@@ -44,11 +42,12 @@ def main(argv: list[str]) -> None:
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
   except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(1)
-  sweep.run_and_report(method_rows(FLAGS.config), seeds, FLAGS.workdir, relative_time_to="uniform")
+    cli.exit_with_error(error)
+  rows = method_rows(FLAGS.config)
+  incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, relative_time_to="uniform")
+  sweep.exit_if_incomplete(incomplete, len(rows) * len(seeds))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -76,7 +76,7 @@ def test_data_parameters_run_scores_instances(finished_run):
 def test_data_parameters_resume_is_bit_identical(finished_run, tmp_path):
   reference_dir, reference_summary = finished_run
   stopped = run_on_mock(_config(**{"train.stop_after_steps": 7}), tmp_path)
-  assert stopped == {"completed": False, "step": 7}
+  assert stopped == {"completed": False, "step": 7, "total_steps": 10}
 
   summary = run_on_mock(_config(), tmp_path)
 

@@ -56,7 +56,7 @@ def finished_run(tmp_path_factory):
 def test_resumed_run_is_bit_identical(finished_run, tmp_path, stop_after):
   reference_dir, reference_summary = finished_run
   stopped = run_on_mock(_config(**{"train.stop_after_steps": stop_after}), tmp_path)
-  assert stopped == {"completed": False, "step": stop_after}
+  assert stopped == {"completed": False, "step": stop_after, "total_steps": 10}
 
   summary = run_on_mock(_config(), tmp_path)
 
@@ -277,7 +277,7 @@ def test_extended_run_sets_outputs_aside(tmp_path):
   stopped = run_on_mock(
     tiny_config(**{"train.num_epochs": 2, "train.stop_after_steps": 3}), tmp_path
   )
-  assert stopped == {"completed": False, "step": 3}
+  assert stopped == {"completed": False, "step": 3, "total_steps": 4}
   assert not (tmp_path / "summary.json").exists()
   assert not (tmp_path / "rates.npz").exists()
   with open(tmp_path / "summary_step2.json") as f:
@@ -313,7 +313,7 @@ def test_split_half_resume_is_bit_identical(tmp_path):
   }
   run_on_mock(_config(**overrides), tmp_path / "uninterrupted")
   stopped = run_on_mock(_config(**overrides, **{"train.stop_after_steps": 7}), tmp_path / "resumed")
-  assert stopped == {"completed": False, "step": 7}
+  assert stopped == {"completed": False, "step": 7, "total_steps": 10}
   run_on_mock(_config(**overrides), tmp_path / "resumed")
 
   state, _ = latest_state(tmp_path / "resumed", _config(**overrides))

@@ -4,11 +4,14 @@ import json
 
 import ml_collections
 import pytest
+import tensorflow_datasets as tfds
 
 from configs import default
 from configs import personalisation as personalisation_config
 from ddlr import checkpoint
+from ddlr.config_checks import ConfigError
 from experiments import personalisation, sweep, uniform_vs_ddlr
+from tests.run_helpers import MOCK_EXAMPLES, tiny_config
 
 
 def _finished_run(run_dir, config, summary):
@@ -44,6 +47,25 @@ def test_run_rows_reuses_every_seed(tmp_path):
   rows = [sweep.Row("uniform", default.get_config("quick"))]
   summaries = sweep.run_rows(rows, [3, 4], str(tmp_path))
   assert summaries == {"uniform": [{"seed": 3}, {"seed": 4}]}
+
+
+def test_finished_run_is_reused_with_stop_step(tmp_path):
+  config = default.get_config("quick")
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  # A finished run has no steps left to stop before; training would fail here,
+  # as there are no checkpoints, and would rewrite the run's outputs.
+  config.train.stop_after_steps = 5
+  assert sweep.run_or_load(config, str(tmp_path)) == {"auroc": 0.5}
+
+
+def test_run_rows_validates_every_row_first(tmp_path):
+  valid = default.get_config("quick")
+  invalid = default.get_config("quick")
+  invalid.train.batch_size = 0
+  rows = [sweep.Row("uniform", valid), sweep.Row("ddlr", invalid)]
+  with pytest.raises(ConfigError, match=r"config.train.batch_size=0 is invalid"):
+    sweep.run_rows(rows, [0], str(tmp_path))
+  assert not (tmp_path / "uniform_seed0").exists()
 
 
 def test_run_rows_rejects_repeated_names(tmp_path):
@@ -91,10 +113,66 @@ def test_results_table_heads_each_group():
   ]
 
 
+def test_results_table_marks_incomplete_rows():
+  stopped = {"completed": False, "step": 5, "total_steps": 172}
+  runs = {
+    "uniform": [{"auroc": 0.5, "seconds_per_step": 0.1}, stopped],
+    "ddlr": [
+      {"completed": True, "auroc": 0.9, "seconds_per_step": 0.2},
+      {"completed": True, "auroc": 0.7, "seconds_per_step": 0.2},
+    ],
+  }
+  table = sweep.results_table(runs, [0, 1], [("auroc", "AUROC")], relative_time_to="uniform")
+  assert table.splitlines()[4:] == [
+    "| uniform | incomplete | incomplete |",
+    "| ddlr | 0.8000 ± 0.1000 | incomplete |",
+  ]
+
+
+def test_incomplete_sweep_writes_partial_table(tmp_path, capsys):
+  config = tiny_config()
+  config.seed = 0
+  summary = {"completed": True, "auroc": 0.5}
+  _finished_run(tmp_path / "uniform_seed0", config, summary)
+  stopping = tiny_config(**{"train.stop_after_steps": 1})
+  rows = [sweep.Row("uniform", tiny_config()), sweep.Row("ddlr", stopping)]
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    incomplete = sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")])
+  run_dir = str(tmp_path / "ddlr_seed0")
+  # 90 training instances in batches of 32: 2 steps.
+  assert incomplete == [sweep.IncompleteRun("ddlr", 0, run_dir, 1, 2)]
+  written = (tmp_path / "results.md").read_text()
+  assert written.startswith(
+    "Incomplete: 1 of 2 runs stopped at config.train.stop_after_steps before their last step"
+  )
+  assert f"- ddlr, seed 0: step 1 of 2, in {run_dir}\n" in written
+  assert written.endswith("| uniform | 0.5000 |\n| ddlr | incomplete |\n")
+  capsys.readouterr()
+
+  with pytest.raises(SystemExit) as exit_info:
+    sweep.exit_if_incomplete(incomplete, 2)
+  assert exit_info.value.code == sweep.INCOMPLETE_EXIT_STATUS
+  stderr = capsys.readouterr().err
+  assert f"- ddlr, seed 0: step 1 of 2, in {run_dir}\n" in stderr
+  assert "rerun this command without --config.train.stop_after_steps, or with a later" in stderr
+
+  # Rerunning without the stop resumes the stopped run; the finished one is reused.
+  rows[1] = sweep.Row("ddlr", tiny_config())
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    assert sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")]) == []
+  assert json.loads((tmp_path / "uniform_seed0" / "summary.json").read_text()) == summary
+  written = (tmp_path / "results.md").read_text()
+  assert written.startswith("Seeds: 0.")
+  assert "incomplete" not in written
+  sweep.exit_if_incomplete([], 2)
+
+
 def test_parse_seeds_names_bad_value():
   assert sweep.parse_seeds(["0", "2"]) == [0, 2]
   with pytest.raises(ValueError, match="got 'x'"):
     sweep.parse_seeds(["0", "x"])
+  with pytest.raises(ValueError, match="--seeds lists 1 more than once"):
+    sweep.parse_seeds(["1", "0", "1"])
 
 
 def test_uniform_vs_ddlr_rows_differ_only_in_switch():
@@ -175,8 +253,8 @@ def test_run_and_report_writes_grouped_table(tmp_path):
   for name in ("uniform", "ddlr"):
     _finished_run(tmp_path / f"{name}_seed0", config, {"auroc": 0.5})
   rows = [sweep.Row("uniform", config, "small_cnn"), sweep.Row("ddlr", config, "small_cnn")]
-  table = sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")])
-  assert (tmp_path / "results.md").read_text() == table
+  assert sweep.run_and_report(rows, [0], str(tmp_path), [("auroc", "AUROC")]) == []
+  table = (tmp_path / "results.md").read_text()
   assert table.splitlines()[4:] == [
     "| **small_cnn** | |",
     "| uniform | 0.5000 |",

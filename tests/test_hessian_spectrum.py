@@ -13,7 +13,7 @@ from ddlr import checkpoint, hessian, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
 from ddlr.models import create_model
-from experiments import hessian_spectrum
+from experiments import hessian_report, hessian_spectrum
 
 SETTINGS = hessian_spectrum.SpectrumSettings(
   classes=(0, 1),
@@ -114,6 +114,9 @@ def test_spectrum_run_resumes_without_retraining(tmp_path, monkeypatch):
   with open(os.path.join(workdir, "hessian_spectrum.md")) as f:
     table = f.read().splitlines()
   assert len(table) == 4 + 2 * 2  # caption, blank, header, rule, and 2 epochs x 2 classes
+  # The small CNN of this config has no BatchNorm.
+  assert second["batch_norm"] is False
+  assert "BatchNorm" not in table[0]
 
   # The recorded values are those of the epoch-2 checkpoint on the recorded sample.
   ids = np.asarray(second["sample_ids"]["1"])
@@ -150,3 +153,21 @@ def test_stop_after_steps_in_config_raises(tmp_path):
   config.train.stop_after_steps = 3
   with pytest.raises(ConfigError, match="config.train.stop_after_steps=3 is invalid here"):
     hessian_spectrum.run(config, str(tmp_path), [], SETTINGS)
+
+
+def test_spectrum_table_names_batch_norm_only_when_present():
+  record = {
+    "dataset": "cifar100",
+    "model": "resnet18",
+    "class_names": {"0": "apple"},
+    "settings": {"top_k": 2, "examples_per_class": 8, "num_iterations": 4},
+    "points": [
+      {"epoch": 1, "classes": {"0": {"eigenvalues": [2.0, 1.0], "residual_norms": [0.1, 0.2]}}}
+    ],
+  }
+  caption = "training examples per class (cifar100, resnet18, {}4 Lanczos iterations)."
+  with_batch_norm = hessian_report.spectrum_table({**record, "batch_norm": True})
+  assert caption.format("BatchNorm in eval mode, ") in with_batch_norm
+  without_batch_norm = hessian_report.spectrum_table({**record, "batch_norm": False})
+  assert caption.format("") in without_batch_norm
+  assert "| 1 | 0: apple | 2 | 1 | 0.2 |" in without_batch_norm

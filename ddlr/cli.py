@@ -1,0 +1,146 @@
+"""Command-line handling shared by `ddlr.main` and the scripts in experiments/.
+
+A bad flag, config file or config override, and every error in `RUN_ERRORS`,
+ends the program with one `error:` line on standard error and exit status 1
+instead of a traceback.
+"""
+
+import importlib.util
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ddlr import checkpoint, train
+from ddlr.config_checks import ConfigError
+from ddlr.data import DataError
+
+FLAGS = flags.FLAGS
+
+# Errors caused by the input (config, data, workdir) or by a diverging run,
+# whose message names the problem, so no traceback is printed for them.
+RUN_ERRORS = (
+  ConfigError,
+  DataError,
+  checkpoint.ResumeError,
+  train.NonFiniteLossError,
+  OSError,
+)
+
+
+# The status a shell reports for a program ended by SIGINT (128 + 2).
+INTERRUPTED_STATUS = 130
+
+
+def exit_with_error(error: Exception | str) -> NoReturn:
+  """Prints `error: <message>` on standard error and exits with status 1."""
+  message = " ".join(line.strip() for line in str(error).splitlines())
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _override_base_config(argv: list[str]):
+  """Returns the config that the `--config.<field>` overrides of `argv` apply to, or None.
+
+  That is the file given by `--config=` (loaded here again, since the flag
+  failed to parse), or else the config flag's default.
+  """
+  config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if config_arg is None:
+    default = FLAGS["config"].default if "config" in FLAGS else None
+    return default if hasattr(default, "keys") else None
+  path, _, arg = config_arg.partition(":")
+  spec = importlib.util.spec_from_file_location("ddlr_config_file", path)
+  if spec is None or spec.loader is None:
+    return None
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+  except Exception:  # noqa: BLE001 - the original parse error is reported instead
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """Returns a message naming the first `--config.<field>` override the config lacks."""
+  config = _override_base_config(argv)
+  if config is None:
+    return None
+  for argument in argv:
+    if not argument.startswith("--config."):
+      continue
+    field = argument.removeprefix("--config.").split("=", 1)[0]
+    node = config
+    for depth, part in enumerate(field.split(".")):
+      if not hasattr(node, "keys") or part not in node:
+        parent = ".".join(field.split(".")[:depth]) or "the config"
+        known = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+        return f"--config.{field}: {parent} has no field {part!r}; its fields are: {known}."
+      node = node[part]
+  return None
+
+
+def define_config_flag(default: str, help_string: str) -> None:
+  """Defines the `--config` flag with a default config file.
+
+  Without `--config=` on the command line, config_flags loads `default` and
+  applies the command line's `--config.<field>` overrides while the flag is
+  defined, so an unknown field fails here, before `parse_flags`. That ends
+  the program with one error line too.
+  """
+  try:
+    config_flags.DEFINE_config_file("config", default, help_string)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    argv = [*sys.argv, f"--config={default}"]
+    exit_with_error(_unknown_override(argv) or f"cannot load the config {default}: {error}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the command line, turning a bad flag, config file or override into one error line."""
+  try:
+    remaining = FLAGS(argv)
+    # The config file is loaded lazily; loading it here reports a missing or
+    # broken file before any work starts.
+    if "config" in FLAGS and FLAGS.config is not None:
+      FLAGS.config.keys()
+    return remaining
+  except OSError as error:
+    exit_with_error(error)
+  except flags.Error as error:
+    # A config file that raises is reported with its whole traceback; the
+    # first line names the flag and the last one the exception. An unknown
+    # override of a default config also lands here, as an unknown flag.
+    lines = str(error).strip().splitlines()
+    message = lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+    exit_with_error(_unknown_override(argv) or message)
+  except (AttributeError, KeyError, TypeError, ValueError) as error:
+    # config_flags applies --config.<field>=<value> while parsing, so an
+    # unknown field or a value of the wrong type surfaces here.
+    exit_with_error(_unknown_override(argv) or f"cannot load the config: {error}")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+  """Runs `main` as an absl program whose input and run errors print one `error:` line.
+
+  The flags are parsed by `parse_flags`. Any exception in `RUN_ERRORS` that
+  `main` raises ends the program with exit status 1; other exceptions keep
+  their traceback, since they are bugs rather than bad input. Ctrl-C ends it
+  with `INTERRUPTED_STATUS` and one line saying that a rerun resumes.
+  """
+
+  def main_with_error_line(argv: list[str]) -> None:
+    try:
+      main(argv)
+    except RUN_ERRORS as error:
+      exit_with_error(error)
+    except KeyboardInterrupt:
+      print(
+        "interrupted; rerunning the same command reuses the finished runs and resumes the "
+        "others from their latest checkpoints.",
+        file=sys.stderr,
+      )
+      sys.exit(INTERRUPTED_STATUS)
+
+  app.run(main_with_error_line, flags_parser=parse_flags)

@@ -1,0 +1,93 @@
+"""Bad input to the experiment scripts ends with one `error:` line, not a traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import default
+from experiments import architectures, noisy_labels
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_script(module, *arguments):
+  command = [sys.executable, "-m", f"experiments.{module}", *arguments]
+  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+  return [line for line in stderr.splitlines() if line.startswith("error: ")]
+
+
+@pytest.mark.parametrize(
+  ("module", "arguments", "message"),
+  [
+    (
+      "uniform_vs_ddlr",
+      ["--config=configs/default.py:quick", "--config.train.batch_size=0"],
+      "error: config.train.batch_size=0 is invalid; expected a value >= 1.",
+    ),
+    (
+      "uniform_vs_ddlr",
+      ["--config=configs/default.py:quick", "--config.ddlr.refrence=x"],
+      "error: --config.ddlr.refrence: ddlr has no field 'refrence'; its fields are: alignment,",
+    ),
+    (
+      # Without --config=, the override applies to the default config file.
+      "uniform_vs_ddlr",
+      ["--config.train.epochs=3"],
+      "error: --config.train.epochs: train has no field 'epochs'; its fields are: batch_size,",
+    ),
+    (
+      "architectures",
+      ["--dataset=fashion_mnist", "--small", "--models=small_cnn,small_cnn"],
+      "error: --models lists small_cnn more than once; give each value once.",
+    ),
+    (
+      "personalisation",
+      ["--config=configs/personalisation.py:quick", "--config.train.batch_size=0"],
+      "error: config.train.batch_size=0 is invalid; expected a value >= 1.",
+    ),
+    (
+      "hessian_spectrum",
+      ["--config=configs/default.py:quick", "--config.ddlr.refrence=x"],
+      "error: --config.ddlr.refrence: ddlr has no field 'refrence'; its fields are: alignment,",
+    ),
+  ],
+)
+def test_bad_input_prints_one_error_line(tmp_path, module, arguments, message):
+  result = _run_script(module, f"--workdir={tmp_path / 'sweep'}", *arguments)
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line.startswith(message)
+  assert "Traceback" not in result.stderr
+
+
+def test_resume_conflict_prints_error_line(tmp_path):
+  # A finished uniform run of the quick config with another hyper learning rate.
+  config = default.get_config("quick")
+  config.seed = 0
+  config.ddlr.enabled = False
+  config.ddlr.hyper_learning_rate = 0.7
+  run_dir = tmp_path / "uniform_seed0"
+  run_dir.mkdir()
+  (run_dir / "config.json").write_text(config.to_json())
+  (run_dir / "summary.json").write_text('{"completed": true}')
+  result = _run_script(
+    "uniform_vs_ddlr", "--config=configs/default.py:quick", f"--workdir={tmp_path}"
+  )
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line.startswith(f"error: {run_dir} contains a run with a different config")
+  assert "config.ddlr.hyper_learning_rate: 0.7 -> 0.3" in line
+  assert "Traceback" not in result.stderr
+  assert (run_dir / "summary.json").read_text() == '{"completed": true}'
+
+
+def test_repeated_list_entries_raise():
+  with pytest.raises(ValueError, match="--models lists resnet18 more than once"):
+    architectures.architecture_rows("cifar10", ["resnet18", "vgg16_bn", "resnet18"], small=True)
+  with pytest.raises(ValueError, match="--settings lists symmetric:0.4 more than once"):
+    noisy_labels.noise_rows("fashion_mnist", "small_cnn", ["symmetric:0.4", "symmetric:0.40"], True)
