@@ -223,7 +223,7 @@ def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):
 
 def test_damaged_array_data_is_rejected(tmp_path):
   stopped = run_on_mock(_config(**{"train.stop_after_steps": 4}), tmp_path)
-  assert stopped == {"completed": False, "step": 4}
+  assert stopped == {"completed": False, "step": 4, "total_steps": 10}
   latest = tmp_path / "checkpoints" / "4" / "state"
   largest = max((path for path in latest.rglob("*") if path.is_file()), key=os.path.getsize)
   largest.write_bytes(b"")

@@ -73,15 +73,20 @@ def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
 
 def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
   checkpoints = tmp_path / "run" / "checkpoints"
-  command = [
+  arguments = [
       sys.executable, "-m", "ddlr.main", "--config=configs/default.py:quick",
       f"--workdir={tmp_path / 'run'}", "--config.train.num_epochs=100",
       "--config.checkpoint.every_steps=5",
   ]  # fmt: skip
-  # A shell that starts a background job ignores SIGINT in it; restore the default.
+  # A shell that starts a background job ignores SIGINT in it, and exec keeps
+  # that, so a small launcher restores the default before it execs the run.
+  launcher = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+  )
   process = subprocess.Popen(
-    command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    [sys.executable, "-c", launcher, *arguments],
+    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
   deadline = time.monotonic() + 240
   while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
