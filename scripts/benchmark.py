@@ -19,7 +19,6 @@ ids and the outputs but not the dataset that all variants share.
 
 import dataclasses
 import functools
-import inspect
 import math
 import sys
 import time
@@ -31,7 +30,7 @@ from absl import app, flags
 
 from configs import default
 from ddlr import steps, train
-from ddlr.models import MODELS, create_model
+from ddlr.models import MODELS, create_model, model_arguments
 
 # Input shapes of the datasets each model is benchmarked on.
 INPUT_SHAPES = {"small_cnn": (28, 28, 1)}
@@ -168,7 +167,7 @@ def check_variant_names(names: list[str]) -> None:
 
 def has_option(model_name: str, option: str) -> bool:
   """Returns whether the constructor of model `model_name` takes the argument `option`."""
-  return option in inspect.signature(MODELS[model_name]).parameters
+  return option in model_arguments(model_name)
 
 
 def check_model_option(model_name: str, option: str, value) -> bool:

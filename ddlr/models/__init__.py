@@ -19,6 +19,7 @@ __all__ = [
   "VGG16BN",
   "WideResNet",
   "create_model",
+  "model_arguments",
 ]
 
 MODELS = {
@@ -30,6 +31,11 @@ MODELS = {
   "vgg16_bn": VGG16BN,
   "densenet_bc": DenseNetBC,
 }
+
+
+def model_arguments(name: str) -> set[str]:
+  """Returns the constructor arguments of model `name` that a config's model section may set."""
+  return set(inspect.signature(MODELS[name]).parameters) - {"num_classes", "parent", "name"}
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -44,11 +50,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
       f"config.model.name={config.name!r} is unknown; expected one of {sorted(MODELS)}."
     )
   kwargs = {key: value for key, value in config.items() if key != "name"}
-  accepted = set(inspect.signature(MODELS[config.name]).parameters) - {
-    "num_classes",
-    "parent",
-    "name",
-  }
+  accepted = model_arguments(config.name)
   unknown = sorted(set(kwargs) - accepted)
   if unknown:
     raise ValueError(
