@@ -303,3 +303,31 @@ def _validate_augmentation(config) -> None:
       "training batch from device memory, but this dataset streams from the host. Use "
       "'small_loss_split' or another reference."
     )
+
+
+def check_reference_batches(config, num_reference: int, num_train: int) -> None:
+  """Raises ConfigError unless each reference batch fits in the examples it is drawn from.
+
+  `num_reference` and `num_train` are the sizes of the loaded reference split
+  and training set. A batch larger than its source would have to repeat
+  examples, so it is rejected rather than drawn with replacement.
+  """
+  if config.baseline.name == "learning_to_reweight":
+    user, field = "config.baseline.name='learning_to_reweight'", "baseline.reference_batch_size"
+    source, available = "reference split", num_reference
+  elif config.ddlr.enabled and config.ddlr.reference in ("reference", "small_loss"):
+    user, field = f"config.ddlr.reference={config.ddlr.reference!r}", "ddlr.reference_batch_size"
+    source, available = "reference split", num_reference
+    if config.ddlr.reference == "small_loss":
+      source, available = "training set", num_train
+  else:
+    return
+  if not available and source == "reference split":
+    raise ConfigError(f"{user} needs a reference split; set config.data.reference_size > 0.")
+  batch_size = _get(config, field)
+  if batch_size > available:
+    raise ConfigError(
+      f"config.{field}={batch_size} is larger than the {source} ({available} examples), from "
+      f"which {user} draws each reference batch without replacement; set it to at most "
+      f"{available}."
+    )

@@ -455,7 +455,8 @@ def reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings
 def reference_split_gradient(model, batch_stats, params, data, rng, batch_size):
   """Returns the mean loss gradient at `params` of a random batch of the reference split."""
   num_reference = data.reference_labels.shape[0]
-  picked = jax.random.choice(rng, num_reference, (batch_size,), replace=batch_size > num_reference)
+  # config_checks.check_reference_batches keeps batch_size within the split.
+  picked = jax.random.choice(rng, num_reference, (batch_size,), replace=False)
   return mean_loss_gradient(
     model, batch_stats, params, data.reference_images[picked], data.reference_labels[picked]
   )
@@ -464,13 +465,13 @@ def reference_split_gradient(model, batch_stats, params, data, rng, batch_size):
 def small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings):
   """Returns the mean loss gradient of the small-loss part of a random training batch.
 
-  The batch has `reference_batch_size` training instances (drawn without
-  replacement when there are enough); those also in the current batch `ids`
-  are never selected. Losses and gradient are taken at `reference_at`.
+  The batch has `reference_batch_size` training instances, drawn without
+  replacement; those also in the current batch `ids` are never selected.
+  Losses and gradient are taken at `reference_at`.
   """
   num_train = data.train_labels.shape[0]
   size = settings.reference_batch_size
-  other_ids = jax.random.choice(rng, num_train, (size,), replace=size > num_train)
+  other_ids = jax.random.choice(rng, num_train, (size,), replace=False)
   if settings.reference_at == "lookahead":
     params = lookahead_params(state, grads, ids, labels, tx)
   else:

@@ -35,7 +35,7 @@ from ddlr import (
 )
 from ddlr import data as data_lib
 from ddlr import summary as summary_lib
-from ddlr.config_checks import ConfigError, validate_config
+from ddlr.config_checks import ConfigError, check_reference_batches, validate_config
 from ddlr.data import augment
 from ddlr.evaluation import evaluate, evaluate_batches  # noqa: F401 (evaluate is API)
 from ddlr.input_pipeline import epoch_batches  # noqa: F401 (part of this module's API)
@@ -280,18 +280,7 @@ def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
     len(data.labels), 100 * data.noise_rate, config.data.noise.kind,
     len(data.reference_labels), len(data.test_labels), data.num_classes,
   )  # fmt: skip
-  if (
-    config.ddlr.enabled and config.ddlr.reference == "reference" and not len(data.reference_labels)
-  ):
-    raise data_lib.DataError(
-      "config.ddlr.reference='reference' needs a reference split; "
-      "set config.data.reference_size > 0."
-    )
-  if config.baseline.name == "learning_to_reweight" and not len(data.reference_labels):
-    raise data_lib.DataError(
-      "config.baseline.name='learning_to_reweight' needs a reference split; "
-      "set config.data.reference_size > 0."
-    )
+  check_reference_batches(config, len(data.reference_labels), len(data.labels))
   return data
 
 

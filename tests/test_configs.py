@@ -14,7 +14,7 @@ from ml_collections import config_flags
 from configs import cifar, common, default, fashion_mnist, imagenet
 from ddlr import data as data_lib
 from ddlr import train
-from ddlr.config_checks import ConfigError, validate_config
+from ddlr.config_checks import ConfigError, check_reference_batches, validate_config
 from ddlr.models import create_model
 
 CIFAR_ARGS = [
@@ -148,6 +148,48 @@ def test_streamed_imagenet_rejects_small_loss_reference():
   config.ddlr.reference = "small_loss"
   with pytest.raises(ConfigError, match="reference='small_loss' is invalid for imagenet2012"):
     validate_config(config)
+
+
+@pytest.mark.parametrize(
+  "overrides, num_reference, num_train, message",
+  [
+    ({}, 100, 1000, r"ddlr.reference_batch_size=128 is larger than the reference split \(100"),
+    ({}, 0, 1000, r"reference='reference' needs a reference split"),
+    (
+      {"ddlr.reference": "small_loss"},
+      0,
+      100,
+      r"ddlr.reference_batch_size=128 is larger than the training set \(100 examples\)",
+    ),
+    (
+      {"baseline.name": "learning_to_reweight", "baseline.reference_batch_size": 64},
+      32,
+      1000,
+      r"baseline.reference_batch_size=64 is larger than the reference split \(32",
+    ),
+  ],
+)  # fmt: skip
+def test_oversized_reference_batch_rejected(overrides, num_reference, num_train, message):
+  config = default.get_config()
+  config.update_from_flattened_dict(overrides)
+  with pytest.raises(ConfigError, match=message):
+    check_reference_batches(config, num_reference, num_train)
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    {},
+    {"ddlr.reference": "small_loss"},
+    {"ddlr.reference": "momentum", "ddlr.reference_batch_size": 4096},
+    {"ddlr.enabled": False, "ddlr.reference_batch_size": 4096},
+    {"baseline.name": "learning_to_reweight", "baseline.reference_batch_size": 128},
+  ],
+)
+def test_fitting_reference_batch_accepted(overrides):
+  config = default.get_config()
+  config.update_from_flattened_dict(overrides)
+  check_reference_batches(config, num_reference=128, num_train=1000)
 
 
 def test_configs_set_standard_augmentation():

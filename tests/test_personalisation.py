@@ -190,6 +190,8 @@ def _target_config(**overrides):
   config.data.reference_size = 20
   config.data.target.kind = "classes"
   config.data.target.classes = FOOTWEAR
+  # The 20-example pool contains 6 footwear examples, all in the reference split.
+  config.ddlr.reference_batch_size = 4
   return config
 
 
