@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ddlr import checkpoint, train
@@ -32,6 +32,18 @@ RUN_ERRORS = (
 
 # The status a shell reports for a program ended by SIGINT (128 + 2).
 INTERRUPTED_STATUS = 130
+# Libraries that log every file operation at INFO.
+_CHATTY_LIBRARIES = ("orbax", "tensorflow_datasets")
+
+
+def hide_library_info_logs() -> None:
+  """Drops the INFO logs of Orbax and tfds from absl's output; their warnings still show."""
+  logging.get_absl_handler().addFilter(
+    lambda record: (
+      record.levelno > logging.converter.STANDARD_INFO
+      or not any(name in record.pathname for name in _CHATTY_LIBRARIES)
+    )
+  )
 
 
 def exit_with_error(error: Exception | str) -> NoReturn:
@@ -127,10 +139,12 @@ def run(main: Callable[[list[str]], None]) -> None:
   The flags are parsed by `parse_flags`. Any exception in `RUN_ERRORS` that
   `main` raises ends the program with exit status 1; other exceptions keep
   their traceback, since they are bugs rather than bad input. Ctrl-C ends it
-  with `INTERRUPTED_STATUS` and one line saying that a rerun resumes.
+  with `INTERRUPTED_STATUS` and one line saying that a rerun resumes. The
+  INFO logs of Orbax and tfds are hidden (`hide_library_info_logs`).
   """
 
   def main_with_error_line(argv: list[str]) -> None:
+    hide_library_info_logs()
     try:
       main(argv)
     except RUN_ERRORS as error:

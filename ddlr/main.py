@@ -17,7 +17,6 @@ from ml_collections import config_flags
 from ddlr import cli, train
 
 FLAGS = flags.FLAGS
-_CHATTY_LIBRARIES = ("orbax", "tensorflow_datasets")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, rates and plots.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -41,13 +40,7 @@ def main(argv: list[str]) -> None:
 
   tf.config.set_visible_devices([], "GPU")
   logging.set_verbosity(logging.INFO)
-  # Orbax and tfds log every file operation at INFO; their warnings still show.
-  logging.get_absl_handler().addFilter(
-    lambda record: (
-      record.levelno > logging.converter.STANDARD_INFO
-      or not any(name in record.pathname for name in _CHATTY_LIBRARIES)
-    )
-  )
+  cli.hide_library_info_logs()
   if not FLAGS.workdir.strip():
     print("error: --workdir is empty; give the directory for the run's outputs.", file=sys.stderr)
     sys.exit(1)
