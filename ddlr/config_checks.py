@@ -4,7 +4,7 @@ import math
 
 import ml_collections
 
-from ddlr import alignment, baselines, optim, steps
+from ddlr import alignment, baselines, optim, references, steps
 from ddlr.data import augment, imagenet
 from ddlr.models import MODELS, create_model
 
@@ -106,8 +106,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "optimizer.weight_decay", 0.0)
   _check_adam_moments(config)
 
-  _require_choice(config, "ddlr.reference", steps.REFERENCES)
-  _require_choice(config, "ddlr.reference_at", steps.REFERENCE_POINTS)
+  _require_choice(config, "ddlr.reference", references.REFERENCES)
+  _require_choice(config, "ddlr.reference_at", references.REFERENCE_POINTS)
   _require_choice(config, "ddlr.split_batch_stats", steps.SPLIT_BATCH_STATS)
   _require_choice(config, "ddlr.alignment", alignment.ALIGNMENT_METHODS)
   _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)

@@ -10,43 +10,18 @@ reference gradient as a JVP (or from per-example gradients), and let the
 import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
 from ddlr import alignment as alignment_lib
-from ddlr import baselines, layerwise, optim
-from ddlr import small_loss as small_loss_lib
+from ddlr import baselines, layerwise, optim, references
 from ddlr.baselines import data_parameters, hypergradient, learning_to_reweight
 from ddlr.baselines import small_loss as small_loss_baseline
 from ddlr.data import augment
+from ddlr.losses import make_loss_fn
 
-# Which gradient the alignment is measured against:
-#   batch      the weighted gradient of the batch itself (biased: self term);
-#   lookahead  the batch's mean loss gradient after the step;
-#   split      each half of the batch against the other half's gradient;
-#   momentum   the base optimizer's momentum buffer (past batches only);
-#   reference  a batch of the held-out reference split;
-#   small_loss the lowest-loss examples of a second, random training batch,
-#              the current batch's instances excluded (no trusted data);
-#   small_loss_split
-#              each half of the batch against the lowest-loss examples of
-#              the other half (no trusted data, no extra forward pass).
-REFERENCES = (
-  "batch",
-  "lookahead",
-  "split",
-  "momentum",
-  "reference",
-  "small_loss",
-  "small_loss_split",
-)
-# Parameters at which the `reference` (and `small_loss`) batch's gradient is taken: after the step
-# (exact for SGD), or the current ones (a first-order shortcut, one forward less).
-REFERENCE_POINTS = ("lookahead", "current")
-PRECONDITIONERS = ("identity", "adam")
 # BatchNorm statistics under the `split` reference. `batch` normalises the
 # whole batch together, as the update without per-instance rates does. This
 # couples the halves, so the step needs an extra VJP and a second tangent.
@@ -121,36 +96,6 @@ class StepSettings:
   augmentation: str = "none"
 
 
-def make_loss_fn(model: nn.Module, batch_stats, images, labels, temperatures=None):
-  """Returns `params -> (per-example losses [B], (logits, new batch_stats))`, training mode.
-
-  With `temperatures` [B], example i's loss is taken on logits / temperatures[i]
-  (Data Parameters); the returned logits are the model's, unscaled.
-  """
-
-  def loss_fn(params):
-    variables = {"params": params}
-    if batch_stats:
-      variables["batch_stats"] = batch_stats
-      logits, mutated = model.apply(variables, images, train=True, mutable=["batch_stats"])
-      new_stats = mutated["batch_stats"]
-    else:
-      logits = model.apply(variables, images, train=True)
-      new_stats = batch_stats
-    logits = logits.astype(jnp.float32)
-    scaled = logits if temperatures is None else logits / temperatures[:, None]
-    losses = optax.softmax_cross_entropy_with_integer_labels(scaled, labels)
-    return losses, (logits, new_stats)
-
-  return loss_fn
-
-
-def mean_loss_gradient(model, batch_stats, params, images, labels):
-  """Returns the gradient of the unweighted mean loss of a batch, training mode."""
-  loss_fn = make_loss_fn(model, batch_stats, images, labels)
-  return jax.grad(lambda p: jnp.mean(loss_fn(p)[0]))(params)
-
-
 def train_step(
   state: TrainState, data: DeviceData, ids: jax.Array, batch=None, *, model, tx, settings
 ):
@@ -216,7 +161,7 @@ def train_step(
       )
     grads, lin = alignment_lib.weighted_gradient(lin, rates / batch_size)
     if settings.enabled:
-      alignment = compute_batch_alignment(
+      alignment = references.compute_batch_alignment(
           state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
           settings=settings, images=images,
       )  # fmt: skip
@@ -270,7 +215,7 @@ def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, sett
   batch_size = ids.shape[0]
   name = settings.baseline.name
   if name == "learning_to_reweight":
-    alignment = compute_batch_alignment(
+    alignment = references.compute_batch_alignment(
       state, data, lin, None, ids, labels, rates, rng, model=model, tx=tx, settings=settings
     )
     weights = learning_to_reweight.weights_from_alignment(alignment)
@@ -311,7 +256,7 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
   each half's VJP gives its gradient sum and each half's JVP scores it
   against the other half, which costs the same as one full-batch forward,
   backward and JVP. With BatchNorm over the whole batch,
-  `compute_batch_alignment` handles the split on the full batch instead.
+  `references.compute_batch_alignment` handles the split on the full batch instead.
 
   Returns:
     The per-example losses, logits, the weighted mean gradient, the alignment
@@ -333,7 +278,7 @@ def _split_by_halves(state, images, labels, rates, *, model, settings):
   sums = [gradient for gradient, _ in backward]
   lins = [lin for _, lin in backward]
   grads = jax.tree.map(lambda a, b: (a + b) / batch_size, *sums)
-  precondition = _preconditioner(state.opt_state, settings)
+  precondition = references.preconditioner(state.opt_state, settings)
   # Each half is scored against the other half's weighted mean gradient.
   others = (
     jax.tree.map(lambda g: g / (batch_size - half), sums[1]),
@@ -366,147 +311,6 @@ def _batch_rates_finite(opt_state, ids, labels) -> jax.Array:
   if state.class_log_lr is not None:
     finite &= jnp.all(jnp.isfinite(state.class_log_lr[labels]))
   return finite
-
-
-def compute_batch_alignment(
-  state, data, lin, grads, ids, labels, rates, rng, *, model, tx, settings, images=None
-) -> jax.Array:
-  """Returns the alignment [B] of each example with the configured reference gradient.
-
-  `images` are the batch's (augmented) inputs, which `lookahead` differentiates
-  again; None gathers them from `data` by id.
-  """
-  precondition = _preconditioner(state.opt_state, settings)
-  batch_size = ids.shape[0]
-
-  if settings.reference == "split":
-    # The second half's gradient follows from the full one by linearity, so
-    # the split costs one extra VJP, not two.
-    first_half = jnp.arange(batch_size) < batch_size // 2
-    num_first = batch_size // 2
-    first_sum = lin.vjp(rates * first_half)
-    second_sum = jax.tree.map(lambda g, f: batch_size * g - f, grads, first_sum)
-    tangents = alignment_lib.stack_tangents(
-      precondition(jax.tree.map(lambda s: s / (batch_size - num_first), second_sum)),
-      precondition(jax.tree.map(lambda f: f / num_first, first_sum)),
-    )
-    both = alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)
-    return jnp.where(first_half, both[0], both[1])
-
-  if settings.reference == "small_loss_split":
-    return small_loss_lib.split_alignment(
-      lin, labels, precondition, fraction=settings.small_loss_fraction,
-      per_class=settings.small_loss_per_class, method=settings.alignment,
-    )  # fmt: skip
-
-  if settings.reference == "batch":
-    direction = grads
-  elif settings.reference == "momentum":
-    direction = optim.momentum_buffer(state.opt_state)
-  elif settings.reference == "lookahead":
-    params_after = lookahead_params(state, grads, ids, labels, tx)
-    if images is None:
-      images = data.train_images[ids]
-    direction = mean_loss_gradient(model, state.batch_stats, params_after, images, labels)
-  elif settings.reference == "small_loss":
-    direction = small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings)
-  elif caches_reference(settings):
-    direction = state.reference_direction
-  else:
-    direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
-  tangents = alignment_lib.stack_tangents(precondition(direction))
-  return alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
-
-
-def caches_reference(settings: StepSettings) -> bool:
-  """Returns whether the train state keeps a reference gradient between refreshes."""
-  return (
-    settings.enabled and settings.reference == "reference" and settings.reference_every_steps > 1
-  )
-
-
-def refresh_reference_direction(state: TrainState, data: DeviceData, *, model, settings):
-  """Returns `state` with a new reference-split gradient at its current parameters.
-
-  With `reference_every_steps` = k > 1 the training loop calls this before the
-  first step and after every k-th step, as its own jitted call. Outside the
-  step no activations of the batch are alive, and on XLA:CPU a `lax.cond`
-  inside the step made each refreshing step about 10 times slower (small CNN,
-  batch 128).
-  """
-  rng, reference_rng = jax.random.split(state.rng)
-  direction = reference_split_gradient(
-    model, state.batch_stats, state.params, data, reference_rng, settings.reference_batch_size
-  )
-  return state.replace(rng=rng, reference_direction=direction)
-
-
-def reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings):
-  """Returns the reference-split gradient at the point `settings.reference_at` names."""
-  if settings.reference_at == "lookahead":
-    params = lookahead_params(state, grads, ids, labels, tx)
-  else:
-    params = state.params
-  return reference_split_gradient(
-    model, state.batch_stats, params, data, rng, settings.reference_batch_size
-  )
-
-
-def reference_split_gradient(model, batch_stats, params, data, rng, batch_size):
-  """Returns the mean loss gradient at `params` of a random batch of the reference split."""
-  num_reference = data.reference_labels.shape[0]
-  # config_checks.check_reference_batches keeps batch_size within the split.
-  picked = jax.random.choice(rng, num_reference, (batch_size,), replace=False)
-  return mean_loss_gradient(
-    model, batch_stats, params, data.reference_images[picked], data.reference_labels[picked]
-  )
-
-
-def small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings):
-  """Returns the mean loss gradient of the small-loss part of a random training batch.
-
-  The batch has `reference_batch_size` training instances, drawn without
-  replacement; those also in the current batch `ids` are never selected.
-  Losses and gradient are taken at `reference_at`.
-  """
-  num_train = data.train_labels.shape[0]
-  size = settings.reference_batch_size
-  other_ids = jax.random.choice(rng, num_train, (size,), replace=False)
-  if settings.reference_at == "lookahead":
-    params = lookahead_params(state, grads, ids, labels, tx)
-  else:
-    params = state.params
-  other_labels = data.train_labels[other_ids]
-  loss_fn = make_loss_fn(model, state.batch_stats, data.train_images[other_ids], other_labels)
-  return small_loss_lib.small_loss_gradient(
-    loss_fn,
-    params,
-    other_labels,
-    fraction=settings.small_loss_fraction,
-    per_class=settings.small_loss_per_class,
-    eligible=~jnp.isin(other_ids, ids),
-  )
-
-
-def lookahead_params(state, grads, ids, labels, tx):
-  """Returns the parameters after this step's base update.
-
-  The update does not depend on the alignment, so a call with zero alignment
-  gives the step's parameters; under jit the rate update of this call is
-  unused and its base update is the same computation as the real one.
-  """
-  zeros = jnp.zeros(ids.shape, jnp.float32)
-  updates, _ = tx.update(
-    grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=zeros
-  )
-  return optax.apply_updates(state.params, updates)
-
-
-def _preconditioner(opt_state, settings):
-  if settings.preconditioner == "identity":
-    return lambda tree: tree
-  preconditioner = optim.adam_preconditioner(opt_state, b2=settings.adam_b2, eps=settings.adam_eps)
-  return lambda tree: jax.tree.map(jnp.multiply, preconditioner, tree)
 
 
 def eval_step(params, batch_stats, images, labels, mask, *, model):

@@ -28,8 +28,10 @@ from ddlr import (
   checkpoint,
   input_pipeline,
   layerwise,
+  losses,
   optim,
   personalisation,
+  references,
   reporting,
   steps,
 )
@@ -96,7 +98,7 @@ def create_train_state(
   """Initialises parameters, BatchNorm statistics and optimizer state.
 
   With `cache_reference`, the state keeps a params-shaped reference gradient,
-  zeros until the caller applies `steps.refresh_reference_direction`.
+  zeros until the caller applies `references.refresh_reference_direction`.
   `baseline_state` is stored as given.
   """
   init_rng, state_rng = jax.random.split(rng)
@@ -304,14 +306,14 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
   inputs = input_pipeline.create_inputs(data, jax.random.fold_in(rng, 1), config.seed, batch_size)
   device_data = inputs.device_data()
   state = create_train_state(
-    model, tx, inputs.sample_images(), rng, cache_reference=steps.caches_reference(settings),
+    model, tx, inputs.sample_images(), rng, cache_reference=references.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
   settings = _resolve_alignment(settings, model, state, inputs.sample_images(), data.num_classes)
   refresh_fn = None
-  if steps.caches_reference(settings):
+  if references.caches_reference(settings):
     refresh_fn = jax.jit(
-      functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
+      functools.partial(references.refresh_reference_direction, model=model, settings=settings),
       donate_argnums=0,
     )
     state = refresh_fn(state, device_data)
@@ -367,7 +369,7 @@ def _resolve_alignment(settings, model, state, sample_images, num_classes):
     return dataclasses.replace(settings, alignment="jvp")
   # A small random batch suffices: the check compares two exact paths.
   images = np.random.default_rng(0).normal(size=(4, *sample_images.shape[1:]))
-  loss_fn = steps.make_loss_fn(
+  loss_fn = losses.make_loss_fn(
     model, state.batch_stats, jnp.asarray(images, jnp.float32), jnp.arange(4) % num_classes
   )
   alignment, reason = layerwise.choose_alignment(

@@ -23,7 +23,7 @@ import ml_collections
 from absl import app, flags
 
 from configs import default
-from ddlr import cli, steps
+from ddlr import cli, references
 from experiments import sweep
 
 NOISE_SETTINGS = {
@@ -32,7 +32,7 @@ NOISE_SETTINGS = {
   "pairflip40": ("pairflip", 0.4),
 }
 SIZES = ("full", "cpu", "smoke")
-UNTRUSTED_REFERENCES = tuple(r for r in steps.REFERENCES if r != "reference")
+UNTRUSTED_REFERENCES = tuple(r for r in references.REFERENCES if r != "reference")
 TRUSTED_GROUP = "uses the trusted reference split"
 UNTRUSTED_GROUP = "uses no trusted data"
 COLUMNS = (

@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from configs import default
-from ddlr import steps, train
+from ddlr import references, steps, train
 from ddlr.models import MODELS, create_model, model_arguments
 
 # Input shapes of the datasets each model is benchmarked on.
@@ -125,8 +125,8 @@ def parse_variant(name: str) -> Variant:
     problem = "expected 'uniform' or '<path>/<reference>[@k]'"
   elif path not in PATHS:
     problem = f"unknown path {path!r}, expected one of {', '.join(PATHS)}"
-  elif reference not in steps.REFERENCES:
-    known = ", ".join((*steps.REFERENCES, "split-half"))
+  elif reference not in references.REFERENCES:
+    known = ", ".join((*references.REFERENCES, "split-half"))
     problem = f"unknown reference {reference!r}, expected one of {known}"
   elif at and reference != "reference":
     # Only the `reference` reference reuses its gradient between refreshes.
@@ -247,7 +247,7 @@ def build_step(variant: Variant, model, device_data, batch_size: int):
     config, num_instances=NUM_INSTANCES, num_classes=NUM_CLASSES, learning_rate=learning_rate
   )
   settings = variant.settings
-  cache = steps.caches_reference(settings)
+  cache = references.caches_reference(settings)
   state = train.create_train_state(
     model, tx, device_data.train_images[:1], jax.random.key(0), cache_reference=cache
   )
@@ -261,7 +261,7 @@ def build_step(variant: Variant, model, device_data, batch_size: int):
 
   # As in the training loop: a separate refresh call after every k-th step.
   refresh = jax.jit(
-    functools.partial(steps.refresh_reference_direction, model=model, settings=settings),
+    functools.partial(references.refresh_reference_direction, model=model, settings=settings),
     donate_argnums=0,
   )
   refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), state)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ddlr import alignment as alignment_lib
-from ddlr import steps
+from ddlr import losses
 from ddlr.models import SmallCNN
 
 BATCH_SIZE = 6
@@ -20,7 +20,7 @@ def _setup(batch_norm: bool):
   variables = model.init(keys[2], images, train=False)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
-  loss_fn = steps.make_loss_fn(model, batch_stats, images, labels)
+  loss_fn = losses.make_loss_fn(model, batch_stats, images, labels)
   leaves, treedef = jax.tree.flatten(params)
   tangent_keys = jax.random.split(keys[3], 2 * len(leaves))
   tangents = [
@@ -70,7 +70,7 @@ def test_single_example_vmap_differs_through_batch_norm():
   stats = model.init(jax.random.key(1), images, train=False)["batch_stats"]
 
   def single_loss(p, image, label):
-    return steps.make_loss_fn(model, stats, image[None], label[None])(p)[0][0]
+    return losses.make_loss_fn(model, stats, image[None], label[None])(p)[0][0]
 
   single = jax.jit(jax.vmap(jax.grad(single_loss), in_axes=(None, 0, 0)))(params, images, labels)
   difference = max(

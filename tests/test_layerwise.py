@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from ddlr import alignment as alignment_lib
-from ddlr import layerwise, optim, steps
+from ddlr import layerwise, losses, optim, steps
 from ddlr.models import SmallCNN
 
 BATCH_SIZE = 6
@@ -88,7 +88,7 @@ def _problem(model):
   labels = jax.random.randint(keys[1], (BATCH_SIZE,), 0, 4)
   variables = model.init(keys[2], images, train=False)
   params, batch_stats = variables["params"], variables.get("batch_stats", {})
-  loss_fn = steps.make_loss_fn(model, batch_stats, images, labels)
+  loss_fn = losses.make_loss_fn(model, batch_stats, images, labels)
   leaves, treedef = jax.tree.flatten(params)
   tangent_keys = jax.random.split(keys[3], 2 * len(leaves))
   tangents = alignment_lib.stack_tangents(

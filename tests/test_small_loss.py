@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from configs import default
-from ddlr import alignment, optim, small_loss, steps
+from ddlr import alignment, losses, optim, small_loss, steps
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import SmallCNN
 
@@ -178,7 +178,7 @@ def test_split_directions_ignore_own_half():
   images, labels = data.train_images[IDS], data.train_labels[IDS]
 
   def directions(batch_images, batch_labels):
-    loss_fn = steps.make_loss_fn(model, {}, batch_images, batch_labels)
+    loss_fn = losses.make_loss_fn(model, {}, batch_images, batch_labels)
     lin = alignment.linearize_losses(loss_fn, params)
     return small_loss.split_small_loss_directions(lin, batch_labels, fraction=0.5, per_class=False)
 

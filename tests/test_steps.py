@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from ddlr import optim, steps
+from ddlr import losses, optim, references, steps
 from ddlr.models import SmallCNN
 
 NUM_INSTANCES, NUM_REFERENCE, BATCH_SIZE, ETA = 16, 8, 6, 0.2
@@ -200,10 +200,10 @@ def test_reused_reference_gradient_is_cached():
     rng=jax.random.key(1), reference_direction=None,
   )  # fmt: skip
   rng_before = state.rng
-  state = steps.refresh_reference_direction(state, data, model=model, settings=settings)
+  state = references.refresh_reference_direction(state, data, model=model, settings=settings)
 
   # The refresh is the reference-split gradient at the current parameters.
-  expected = steps.reference_split_gradient(
+  expected = references.reference_split_gradient(
     model, {}, params, data, jax.random.split(rng_before)[1], 4
   )
   for got, want in zip(
@@ -274,7 +274,7 @@ def _batch_norm_step(split_batch_stats):
 
 
 def _flat_jacobian(model, batch_stats, params, images, labels):
-  loss_fn = steps.make_loss_fn(model, batch_stats, images, labels)
+  loss_fn = losses.make_loss_fn(model, batch_stats, images, labels)
   jacobian = jax.jit(jax.jacrev(lambda p: loss_fn(p)[0]))(params)
   return jnp.concatenate([g.reshape(labels.shape[0], -1) for g in jax.tree.leaves(jacobian)], 1)
 
@@ -324,7 +324,7 @@ def test_split_per_half_batch_norm():
   half_stats = []
   for h in halves:
     images, labels = data.train_images[h], data.train_labels[h]
-    _, (_, stats) = steps.make_loss_fn(model, state.batch_stats, images, labels)(state.params)
+    _, (_, stats) = losses.make_loss_fn(model, state.batch_stats, images, labels)(state.params)
     half_stats.append(stats)
   expected_stats = jax.tree.map(lambda a, b: (a + b) / 2, *half_stats)
   for got, want in zip(
