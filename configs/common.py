@@ -137,6 +137,7 @@ def shrink_to_small(config: ml_collections.ConfigDict) -> None:
   config.data.num_test = 256
   config.data.reference_size = 100
   config.ddlr.reference_batch_size = 32
+  config.baseline.reference_batch_size = 32
   config.train.num_epochs = 2
   config.train.batch_size = 64
   config.train.log_every_steps = 4

@@ -62,6 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.reference_size = 500
     config.data.target.sample_size = 100
     config.ddlr.reference_batch_size = 64
+    config.baseline.reference_batch_size = 64
     config.model.width = 8
     config.train.num_epochs = 2
     config.train.batch_size = 64

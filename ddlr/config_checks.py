@@ -305,6 +305,22 @@ def _validate_augmentation(config) -> None:
     )
 
 
+def _reference_batch_source(config) -> tuple[str, str, str] | None:
+  """Returns who draws reference batches, their size's field and their source, or None."""
+  if config.baseline.name == "learning_to_reweight":
+    user, field = "config.baseline.name='learning_to_reweight'", "baseline.reference_batch_size"
+    return user, field, "reference split"
+  if config.ddlr.enabled and config.ddlr.reference in ("reference", "small_loss"):
+    source = "training set" if config.ddlr.reference == "small_loss" else "reference split"
+    return f"config.ddlr.reference={config.ddlr.reference!r}", "ddlr.reference_batch_size", source
+  return None
+
+
+def draws_reference_batches(config) -> bool:
+  """Returns whether a run of `config` draws the batches that `check_reference_batches` checks."""
+  return _reference_batch_source(config) is not None
+
+
 def check_reference_batches(config, num_reference: int, num_train: int) -> None:
   """Raises ConfigError unless each reference batch fits in the examples it is drawn from.
 
@@ -312,22 +328,23 @@ def check_reference_batches(config, num_reference: int, num_train: int) -> None:
   and training set. A batch larger than its source would have to repeat
   examples, so it is rejected rather than drawn with replacement.
   """
-  if config.baseline.name == "learning_to_reweight":
-    user, field = "config.baseline.name='learning_to_reweight'", "baseline.reference_batch_size"
-    source, available = "reference split", num_reference
-  elif config.ddlr.enabled and config.ddlr.reference in ("reference", "small_loss"):
-    user, field = f"config.ddlr.reference={config.ddlr.reference!r}", "ddlr.reference_batch_size"
-    source, available = "reference split", num_reference
-    if config.ddlr.reference == "small_loss":
-      source, available = "training set", num_train
-  else:
+  drawn = _reference_batch_source(config)
+  if drawn is None:
     return
+  user, field, source = drawn
+  available = num_train if source == "training set" else num_reference
   if not available and source == "reference split":
     raise ConfigError(f"{user} needs a reference split; set config.data.reference_size > 0.")
   batch_size = _get(config, field)
   if batch_size > available:
+    fix = f"set it to at most {available}"
+    if source == "reference split" and config.data.target.kind != "none":
+      source = "reference split, the target sample"
+      fix += (
+        " or draw a larger target sample (config.data.target.sample_size; 0 takes every "
+        "example of the target in the pool of config.data.reference_size)"
+      )
     raise ConfigError(
       f"config.{field}={batch_size} is larger than the {source} ({available} examples), from "
-      f"which {user} draws each reference batch without replacement; set it to at most "
-      f"{available}."
+      f"which {user} draws each reference batch without replacement; {fix}."
     )

@@ -42,7 +42,7 @@ class TrainState(struct.PyTreeNode):
   opt_state: optax.OptState
   rng: jax.Array  # PRNG key for the reference batches
   # The last reference-split gradient, reused between refreshes when
-  # StepSettings.reference_every_steps > 1 (`refresh_reference_direction`
+  # StepSettings.reference_every_steps > 1 (`references.refresh_reference_direction`
   # sets it); None otherwise.
   reference_direction: Any = None
   # A baseline's per-instance tables (`ddlr.baselines`), None for ddlr and uniform.
@@ -75,7 +75,7 @@ class StepSettings:
   reference_batch_size: int = 128
   # Recompute the reference-split gradient every this many steps and reuse it
   # in between; 1 recomputes it every step. With k > 1 the training loop
-  # calls `refresh_reference_direction` after every k-th update, at the
+  # calls `references.refresh_reference_direction` after every k-th update, at the
   # parameters that update produced, and `reference_at` does not apply.
   reference_every_steps: int = 1
   split_batch_stats: str = "batch"

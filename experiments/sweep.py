@@ -22,7 +22,8 @@ import numpy as np
 from absl import logging
 
 from ddlr import checkpoint, train
-from ddlr.config_checks import validate_config
+from ddlr import data as data_lib
+from ddlr.config_checks import check_reference_batches, draws_reference_batches, validate_config
 
 # (summary key, column title) of the default table.
 DEFAULT_COLUMNS = (
@@ -101,7 +102,8 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
   """Trains (or reuses) every row for every seed.
 
   Every row's config is validated before the first run trains, so an invalid
-  value fails at once rather than after the rows before it have trained.
+  value fails at once rather than after the rows before it have trained. That
+  includes each reference batch against the loaded reference split.
 
   Returns:
     The summaries, keyed by row name, one per seed in the order of `seeds`.
@@ -118,6 +120,7 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
     raise ValueError(f"sweep rows must have unique names; repeated: {duplicates}")
   for row in rows:
     validate_config(row.config)
+  _check_reference_batches(rows)
   summaries = {}
   for row in rows:
     summaries[row.name] = []
@@ -128,6 +131,24 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
       logging.info("Sweep run %s, seed %d, in %s.", row.name, seed, run_dir)
       summaries[row.name].append(run_or_load(config, run_dir))
   return summaries
+
+
+def _check_reference_batches(rows: Sequence[Row]) -> None:
+  """Checks the reference batch of every row that draws one against its loaded data.
+
+  `train_and_evaluate` checks it once the data is loaded, so without this a
+  sweep would train the rows before an oversized one. Each distinct data
+  config is loaded once.
+  """
+  sizes = {}
+  for row in rows:
+    if not draws_reference_batches(row.config):
+      continue
+    key = row.config.data.to_json()
+    if key not in sizes:
+      data = data_lib.load_dataset(row.config.data)
+      sizes[key] = (len(data.reference_labels), len(data.labels))
+    check_reference_batches(row.config, *sizes[key])
 
 
 def incomplete_runs(

@@ -11,7 +11,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from ml_collections import config_flags
 
-from configs import cifar, common, default, fashion_mnist, imagenet
+from configs import cifar, common, default, fashion_mnist, imagenet, personalisation
 from ddlr import data as data_lib
 from ddlr import train
 from ddlr.config_checks import ConfigError, check_reference_batches, validate_config
@@ -62,6 +62,9 @@ def test_config_builds_and_validates(module, arg):
   assert model.num_classes == NUM_CLASSES[config.data.name]
   assert config.data.reference_size % NUM_CLASSES[config.data.name] == 0
   assert config.data.num_train == 0 or config.data.num_train > config.data.reference_size
+  # Reference batches are drawn from the reference split without replacement.
+  assert config.ddlr.reference_batch_size <= config.data.reference_size
+  assert config.baseline.reference_batch_size <= config.data.reference_size
   # The data section has exactly the fields the loader accepts.
   assert set(config.data.keys()) == set(data_lib.default_config().keys())
 
@@ -190,6 +193,21 @@ def test_fitting_reference_batch_accepted(overrides):
   config = default.get_config()
   config.update_from_flattened_dict(overrides)
   check_reference_batches(config, num_reference=128, num_train=1000)
+
+
+@pytest.mark.parametrize(
+  ("module", "arg"),
+  [(default, None), (default, "quick"), (personalisation, None), (personalisation, "cpu"),
+   (personalisation, "quick")],
+)  # fmt: skip
+def test_reference_batches_fit_target_sample(module, arg):
+  config = module.get_config(arg)
+  target = config.data.target
+  split_size = config.data.reference_size
+  if target.kind != "none" and target.sample_size:
+    split_size = target.sample_size
+  assert config.ddlr.reference_batch_size <= split_size
+  assert config.baseline.reference_batch_size <= split_size
 
 
 def test_configs_set_standard_augmentation():

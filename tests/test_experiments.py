@@ -68,6 +68,17 @@ def test_run_rows_validates_every_row_first(tmp_path):
   assert not (tmp_path / "uniform_seed0").exists()
 
 
+def test_run_rows_checks_reference_batches_first(tmp_path):
+  uniform = tiny_config(**{"ddlr.enabled": False})
+  # The tiny config's reference split has 10 examples.
+  oversized = tiny_config(**{"ddlr.reference_batch_size": 11})
+  rows = [sweep.Row("uniform", uniform), sweep.Row("ddlr", oversized)]
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(ConfigError, match=r"reference_batch_size=11 is larger than the reference"):
+      sweep.run_rows(rows, [0], str(tmp_path))
+  assert not (tmp_path / "uniform_seed0").exists()
+
+
 def test_run_rows_rejects_repeated_names(tmp_path):
   config = default.get_config("quick")
   with pytest.raises(ValueError, match=r"repeated: \['ddlr'\]"):
