@@ -295,12 +295,34 @@ def _flatten(config: dict, prefix: str = "") -> dict:
   return flat
 
 
+# Baseline fields that only the baseline of the same name reads.
+_BASELINE_FIELDS = {
+  "baseline.reference_batch_size": "learning_to_reweight",
+  "baseline.hypergradient.": "hypergradient",
+  "baseline.data_parameters.": "data_parameters",
+  "baseline.small_loss.": "small_loss",
+}
+
+
+def _is_unused(path: str, flat: dict) -> bool:
+  """Returns whether a run of the flattened config `flat` never reads the field `path`."""
+  if path.startswith("ddlr.") and path != "ddlr.enabled" and flat.get("ddlr.enabled") is False:
+    return True
+  for prefix, name in _BASELINE_FIELDS.items():
+    if path.startswith(prefix) and flat.get("baseline.name") != name:
+      return True
+  return False
+
+
 def config_differences(saved_config_path: str, config: ml_collections.ConfigDict) -> dict:
   """Returns {dotted field: (saved value, new value)} for every field that differs.
 
   A field present in only one of the configs has the value '<missing>' in the
   other, except that a saved config lacking a field of `ADDED_FIELDS` is read
-  as having that field's value.
+  as having that field's value. Fields that neither run reads are left out:
+  the `ddlr` section when both have `ddlr.enabled=False`, and a baseline's
+  own fields when neither runs that baseline. So a uniform run stays reusable
+  when a sweep changes a ddlr setting.
 
   Raises:
     ResumeError: if the saved config is missing or is not valid JSON.
@@ -319,6 +341,7 @@ def config_differences(saved_config_path: str, config: ml_collections.ConfigDict
     path: (saved.get(path, "<missing>"), new.get(path, "<missing>"))
     for path in sorted(set(saved) | set(new))
     if saved.get(path, "<missing>") != new.get(path, "<missing>")
+    and not (_is_unused(path, saved) and _is_unused(path, new))
   }
 
 

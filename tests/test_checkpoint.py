@@ -292,6 +292,28 @@ def test_extended_run_sets_outputs_aside(tmp_path):
   assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
 
 
+def test_unread_ddlr_fields_are_not_differences(tmp_path):
+  config = tiny_config(**{"ddlr.enabled": False})
+  path = tmp_path / "config.json"
+  path.write_text(config.to_json())
+  config.ddlr.hyper_learning_rate = 0.7
+  config.baseline.data_parameters.momentum = 0.5
+  assert checkpoint.config_differences(str(path), config) == {}
+  config.ddlr.enabled = True
+  changed = checkpoint.config_differences(str(path), config)
+  assert set(changed) == {"ddlr.enabled", "ddlr.hyper_learning_rate"}
+
+
+def test_baseline_fields_count_for_their_baseline(tmp_path):
+  config = tiny_config(**{"ddlr.enabled": False, "baseline.name": "data_parameters"})
+  path = tmp_path / "config.json"
+  path.write_text(config.to_json())
+  config.baseline.data_parameters.momentum = 0.5
+  config.baseline.reference_batch_size = 4  # read by learning_to_reweight only
+  changed = checkpoint.config_differences(str(path), config)
+  assert changed == {"baseline.data_parameters.momentum": (0.9, 0.5)}
+
+
 def test_added_field_missing_reads_old_value(tmp_path):
   config = tiny_config()
   saved = json.loads(config.to_json())

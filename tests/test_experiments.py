@@ -39,6 +39,15 @@ def test_finished_run_with_other_method_raises(tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text()) == {"auroc": 0.5}
 
 
+def test_uniform_run_reused_after_ddlr_change(tmp_path):
+  config = default.get_config("quick")
+  config.ddlr.enabled = False
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  # A uniform run reads no ddlr field but ddlr.enabled; training would fail here.
+  config.ddlr.reference_batch_size = 100
+  assert sweep.run_or_load(config, str(tmp_path)) == {"auroc": 0.5}
+
+
 def test_run_rows_reuses_every_seed(tmp_path):
   config = default.get_config("quick")
   for seed in (3, 4):
