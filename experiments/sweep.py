@@ -112,7 +112,9 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
 
   Raises:
     ValueError: two rows share a name.
-    ConfigError: a row's config is invalid.
+    ConfigError: a row's config is invalid, or its reference batch is larger
+      than the examples it is drawn from.
+    DataError: the data of a row that draws reference batches cannot be loaded.
   """
   names = [row.name for row in rows]
   duplicates = sorted({name for name in names if names.count(name) > 1})
