@@ -306,8 +306,11 @@ _BASELINE_FIELDS = {
 
 def _is_unused(path: str, flat: dict) -> bool:
   """Returns whether a run of the flattened config `flat` never reads the field `path`."""
-  if path.startswith("ddlr.") and path != "ddlr.enabled" and flat.get("ddlr.enabled") is False:
-    return True
+  if path.startswith("ddlr.") and flat.get("ddlr.enabled") is False:
+    read = {"ddlr.enabled"}
+    if flat.get("baseline.name") == "learning_to_reweight":
+      read.add("ddlr.alignment")  # its scores take the ddlr alignment path
+    return path not in read
   for prefix, name in _BASELINE_FIELDS.items():
     if path.startswith(prefix) and flat.get("baseline.name") != name:
       return True
@@ -320,9 +323,10 @@ def config_differences(saved_config_path: str, config: ml_collections.ConfigDict
   A field present in only one of the configs has the value '<missing>' in the
   other, except that a saved config lacking a field of `ADDED_FIELDS` is read
   as having that field's value. Fields that neither run reads are left out:
-  the `ddlr` section when both have `ddlr.enabled=False`, and a baseline's
-  own fields when neither runs that baseline. So a uniform run stays reusable
-  when a sweep changes a ddlr setting.
+  the `ddlr` section when both have `ddlr.enabled=False` (but the alignment
+  path for learning to reweight), and a baseline's own fields when neither
+  runs that baseline. So a uniform run stays reusable when a sweep changes a
+  ddlr setting.
 
   Raises:
     ResumeError: if the saved config is missing or is not valid JSON.

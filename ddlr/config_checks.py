@@ -316,16 +316,21 @@ def _reference_batch_source(config) -> tuple[str, str, str] | None:
   return None
 
 
-def draws_reference_batches(config) -> bool:
-  """Returns whether a run of `config` draws the batches that `check_reference_batches` checks."""
-  return _reference_batch_source(config) is not None
+def reference_batch_source(config) -> str | None:
+  """Returns what a run of `config` draws reference batches from, or None if it draws none.
+
+  The source is 'reference split', or 'training set' for the `small_loss` reference.
+  """
+  drawn = _reference_batch_source(config)
+  return None if drawn is None else drawn[2]
 
 
 def check_reference_batches(config, num_reference: int, num_train: int) -> None:
   """Raises ConfigError unless each reference batch fits in the examples it is drawn from.
 
   `num_reference` and `num_train` are the sizes of the loaded reference split
-  and training set. A batch larger than its source would have to repeat
+  and training set; `num_train` is read only when `reference_batch_source`
+  is the training set. A batch larger than its source would have to repeat
   examples, so it is rejected rather than drawn with replacement.
   """
   drawn = _reference_batch_source(config)

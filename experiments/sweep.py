@@ -23,7 +23,7 @@ from absl import logging
 
 from ddlr import checkpoint, train
 from ddlr import data as data_lib
-from ddlr.config_checks import check_reference_batches, draws_reference_batches, validate_config
+from ddlr.config_checks import check_reference_batches, reference_batch_source, validate_config
 
 # (summary key, column title) of the default table.
 DEFAULT_COLUMNS = (
@@ -69,6 +69,25 @@ def is_finished(summary: dict) -> bool:
   return summary.get("completed", True)
 
 
+def is_reused(config, workdir: str) -> bool:
+  """Returns whether `workdir` contains a finished run that `run_or_load` reuses for `config`.
+
+  That is a run with a `summary.json` whose saved config equals `config` up
+  to fields that do not change results (`checkpoint.OUTCOME_NEUTRAL`).
+  """
+  if not os.path.exists(os.path.join(workdir, "summary.json")):
+    return False
+  changed = checkpoint.config_differences(os.path.join(workdir, "config.json"), config)
+  return set(changed) <= checkpoint.OUTCOME_NEUTRAL
+
+
+def seed_config(row: Row, seed: int) -> ml_collections.ConfigDict:
+  """Returns a copy of the row's config with `seed`."""
+  config = row.config.copy_and_resolve_references()
+  config.seed = seed
+  return config
+
+
 def run_or_load(config, workdir: str) -> dict:
   """Returns the summary of the run in `workdir`, training it first if it has none.
 
@@ -82,13 +101,13 @@ def run_or_load(config, workdir: str) -> dict:
       method, model or data, so it is neither reused nor overwritten.
   """
   summary_path = os.path.join(workdir, "summary.json")
+  if is_reused(config, workdir):
+    logging.info("Reusing the finished run in %s.", workdir)
+    with open(summary_path) as f:
+      return json.load(f)
   if os.path.exists(summary_path):
     config_path = os.path.join(workdir, "config.json")
     changed = checkpoint.config_differences(config_path, config)
-    if set(changed) <= checkpoint.OUTCOME_NEUTRAL:
-      logging.info("Reusing the finished run in %s.", workdir)
-      with open(summary_path) as f:
-        return json.load(f)
     checkpoint.check_resumable_config(config_path, config)
     logging.info(
       "The finished run in %s differs from this sweep's config in %s; resuming it.",
@@ -103,7 +122,7 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
 
   Every row's config is validated before the first run trains, so an invalid
   value fails at once rather than after the rows before it have trained. That
-  includes each reference batch against the loaded reference split.
+  includes the reference batch of each row that still has to train.
 
   Returns:
     The summaries, keyed by row name, one per seed in the order of `seeds`.
@@ -122,34 +141,45 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
     raise ValueError(f"sweep rows must have unique names; repeated: {duplicates}")
   for row in rows:
     validate_config(row.config)
-  _check_reference_batches(rows)
+  _check_reference_batches(rows, seeds, workdir)
   summaries = {}
   for row in rows:
     summaries[row.name] = []
     for seed in seeds:
-      config = row.config.copy_and_resolve_references()
-      config.seed = seed
+      config = seed_config(row, seed)
       run_dir = run_directory(workdir, row.name, seed)
       logging.info("Sweep run %s, seed %d, in %s.", row.name, seed, run_dir)
       summaries[row.name].append(run_or_load(config, run_dir))
   return summaries
 
 
-def _check_reference_batches(rows: Sequence[Row]) -> None:
-  """Checks the reference batch of every row that draws one against its loaded data.
+def _check_reference_batches(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> None:
+  """Checks the reference batch of every row that will draw one against the examples it has.
 
   `train_and_evaluate` checks it once the data is loaded, so without this a
-  sweep would train the rows before an oversized one. Each distinct data
-  config is loaded once.
+  sweep would train the rows before an oversized one. Rows whose runs are
+  all reused are skipped, so that tabulating a finished sweep needs no data.
+  Without a target the reference split has `data.reference_size` examples;
+  otherwise each distinct data config is loaded once.
   """
   sizes = {}
   for row in rows:
-    if not draws_reference_batches(row.config):
+    source = reference_batch_source(row.config)
+    reused = all(
+      is_reused(seed_config(row, seed), run_directory(workdir, row.name, seed)) for seed in seeds
+    )
+    if source is None or reused:
       continue
-    key = row.config.data.to_json()
+    data_config = row.config.data
+    if source == "reference split" and data_config.target.kind == "none":
+      # load_dataset holds out exactly reference_size examples or raises.
+      check_reference_batches(row.config, data_config.reference_size, num_train=0)
+      continue
+    key = data_config.to_json()
     if key not in sizes:
-      data = data_lib.load_dataset(row.config.data)
+      data = data_lib.load_dataset(data_config)
       sizes[key] = (len(data.reference_labels), len(data.labels))
+      del data  # only the sizes are kept, so one dataset is in memory at a time
     check_reference_batches(row.config, *sizes[key])
 
 

@@ -304,6 +304,16 @@ def test_unread_ddlr_fields_are_not_differences(tmp_path):
   assert set(changed) == {"ddlr.enabled", "ddlr.hyper_learning_rate"}
 
 
+def test_reweighting_keeps_ddlr_alignment_difference(tmp_path):
+  config = tiny_config(**{"ddlr.enabled": False, "baseline.name": "learning_to_reweight"})
+  path = tmp_path / "config.json"
+  path.write_text(config.to_json())
+  config.ddlr.alignment = "vmap"
+  config.ddlr.hyper_learning_rate = 0.7
+  changed = checkpoint.config_differences(str(path), config)
+  assert changed == {"ddlr.alignment": ("auto", "vmap")}
+
+
 def test_baseline_fields_count_for_their_baseline(tmp_path):
   config = tiny_config(**{"ddlr.enabled": False, "baseline.name": "data_parameters"})
   path = tmp_path / "config.json"

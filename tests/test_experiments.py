@@ -88,6 +88,31 @@ def test_run_rows_checks_reference_batches_first(tmp_path):
   assert not (tmp_path / "uniform_seed0").exists()
 
 
+def test_run_rows_loads_target_data_for_check(tmp_path):
+  config = tiny_config()
+  config.data.reference_size = 20
+  config.data.target.kind = "classes"
+  config.data.target.classes = (5, 7, 9)
+  # The 20-example pool contains 6 examples of these classes, all in the target sample.
+  rows = [sweep.Row("ddlr", config)]
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(ConfigError, match=r"reference split, the target sample \(6 examples\)"):
+      sweep.run_rows(rows, [0], str(tmp_path))
+  assert not (tmp_path / "ddlr_seed0").exists()
+
+
+def test_finished_sweep_reused_without_data(tmp_path):
+  config = personalisation_config.get_config("quick")
+  # No data here: loading it for the reference batch check would fail.
+  config.data.data_dir = str(tmp_path / "no_data")
+  config.data.manual_dir = str(tmp_path / "no_data")
+  run_config = config.copy_and_resolve_references()
+  run_config.seed = 0
+  _finished_run(tmp_path / "ddlr_seed0", run_config, {"auroc": 0.5})
+  summaries = sweep.run_rows([sweep.Row("ddlr", config)], [0], str(tmp_path))
+  assert summaries == {"ddlr": [{"auroc": 0.5}]}
+
+
 def test_run_rows_rejects_repeated_names(tmp_path):
   config = default.get_config("quick")
   with pytest.raises(ValueError, match=r"repeated: \['ddlr'\]"):
