@@ -66,11 +66,11 @@ def test_bad_input_prints_one_error_line(tmp_path, module, arguments, message):
 
 
 def test_resume_conflict_prints_error_line(tmp_path):
-  # A finished uniform run of the quick config with another hyper learning rate.
+  # A finished uniform run of the quick config with another learning rate.
   config = default.get_config("quick")
   config.seed = 0
   config.ddlr.enabled = False
-  config.ddlr.hyper_learning_rate = 0.7
+  config.optimizer.learning_rate = 0.7
   run_dir = tmp_path / "uniform_seed0"
   run_dir.mkdir()
   (run_dir / "config.json").write_text(config.to_json())
@@ -81,7 +81,7 @@ def test_resume_conflict_prints_error_line(tmp_path):
   assert result.returncode == 1
   [line] = _error_lines(result.stderr)
   assert line.startswith(f"error: {run_dir} contains a run with a different config")
-  assert "config.ddlr.hyper_learning_rate: 0.7 -> 0.3" in line
+  assert "config.optimizer.learning_rate: 0.7 -> 0.05" in line
   assert "Traceback" not in result.stderr
   assert (run_dir / "summary.json").read_text() == '{"completed": true}'
 
