@@ -165,10 +165,9 @@ def _check_reference_batches(rows: Sequence[Row], seeds: Sequence[int], workdir:
   sizes = {}
   for row in rows:
     source = reference_batch_source(row.config)
-    reused = all(
+    if source is None or all(
       is_reused(seed_config(row, seed), run_directory(workdir, row.name, seed)) for seed in seeds
-    )
-    if source is None or reused:
+    ):
       continue
     data_config = row.config.data
     if source == "reference split" and data_config.target.kind == "none":
