@@ -166,8 +166,8 @@ def lookahead_params(state, grads, ids, labels, tx):
   """Returns the parameters after this step's base update.
 
   The update does not depend on the alignment, so a call with zero alignment
-  gives the step's parameters; under jit the rate update of this call is
-  unused and its base update is the same computation as the real one.
+  gives the step's parameters. Under jit the rate update of this call is
+  unused, and its base update is the same computation as the real one.
   """
   zeros = jnp.zeros(ids.shape, jnp.float32)
   updates, _ = tx.update(
