@@ -309,7 +309,8 @@ def _is_unused(path: str, flat: dict) -> bool:
   if path.startswith("ddlr.") and flat.get("ddlr.enabled") is False:
     read = {"ddlr.enabled"}
     if flat.get("baseline.name") == "learning_to_reweight":
-      read.add("ddlr.alignment")  # its scores take the ddlr alignment path
+      # Learning to reweight scores examples through the ddlr alignment path.
+      read.add("ddlr.alignment")
     return path not in read
   for prefix, name in _BASELINE_FIELDS.items():
     if path.startswith(prefix) and flat.get("baseline.name") != name:
