@@ -187,6 +187,21 @@ def test_fast_and_direct_paths_agree(reference):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_update_ordered_after_alignment_keeps_values():
+  grads = {"large": jnp.arange(60.0).reshape(6, 10), "small": jnp.ones([2])}
+  for alignment in (jnp.array([0.5, -2.0]), jnp.array([jnp.nan, 1.0])):
+    ordered = steps._after_alignment(grads, alignment)
+    # A NaN alignment must not reach the gradient through the added zero.
+    np.testing.assert_array_equal(ordered["large"], grads["large"])
+    # Leaves under the share are passed through, with no dependency added.
+    assert ordered["small"] is grads["small"]
+  jaxpr = jax.make_jaxpr(steps._after_alignment)(grads, jnp.ones([2])).jaxpr
+  large_in, small_in, _ = jaxpr.invars
+  large_out, small_out = jaxpr.outvars
+  assert small_out is small_in
+  assert large_out is not large_in
+
+
 def test_reused_reference_gradient_is_cached():
   model, data, params = _setup()
   tx = optim.ddlr(
