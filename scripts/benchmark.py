@@ -267,14 +267,7 @@ def build_step(variant: Variant, model, device_data, batch_size: int):
   refresh_memory = compiled_memory(refresh.lower(state, device_data).compile(), state)
   state = refresh(state, device_data)
   every = settings.reference_every_steps
-  steps_done = [0]
-
-  def step_and_refresh(state, device_data, ids):
-    state, metrics = step(state, device_data, ids)
-    steps_done[0] += 1
-    if steps_done[0] % every == 0:
-      state = refresh(state, device_data)
-    return state, metrics
+  step_and_refresh = RefreshingStep(step, refresh, every)
 
   for kind in ("temp", "peak"):
     if memory[kind] is not None and refresh_memory[kind] is not None:
@@ -282,6 +275,31 @@ def build_step(variant: Variant, model, device_data, batch_size: int):
   if memory["flops"] is not None and refresh_memory["flops"] is not None:
     memory["flops"] += refresh_memory["flops"] / every
   return step_and_refresh, state, memory
+
+
+class RefreshingStep:
+  """A train step followed by a refresh of the reference gradient after every k-th call.
+
+  As in the training loop, the refresh is its own jitted call. The step's
+  result is ready before the refresh starts, so `refresh_times` contains the
+  seconds of each refresh alone.
+  """
+
+  def __init__(self, step, refresh, every: int):
+    self.step, self.refresh, self.every = step, refresh, every
+    self.calls = 0
+    self.refresh_times: list[float] = []
+
+  def __call__(self, state, device_data, ids):
+    """Returns the new state and the step's metrics, refreshing after every k-th call."""
+    state, metrics = self.step(state, device_data, ids)
+    self.calls += 1
+    if self.calls % self.every == 0:
+      jax.block_until_ready(state)
+      start = time.perf_counter()
+      state = jax.block_until_ready(self.refresh(state, device_data))
+      self.refresh_times.append(time.perf_counter() - start)
+    return state, metrics
 
 
 def compiled_memory(compiled, inputs) -> dict[str, int | None]:
@@ -325,6 +343,9 @@ def tree_bytes(tree) -> int:
 def time_variants(variants, model, device_data):
   """Returns each variant's step times in seconds, one list per round, and its memory figures.
 
+  Also returns the `RefreshingStep` of each variant that refreshes its
+  reference gradient every k steps, by name, with the times of its refreshes.
+
   Each round runs every variant for a block of consecutive steps, warm-up
   steps first, so a large variant (vmap) does not evict the caches of the step
   timed after it, while load changes between rounds still affect all alike.
@@ -356,7 +377,10 @@ def time_variants(variants, model, device_data):
         jax.block_until_ready((states[name], metrics))
         if index >= FLAGS.warmup:
           times[name][-1].append(time.perf_counter() - start)
-  return times, {name: entry[2] for name, entry in built.items()}
+  refreshing = {
+    name: step for name, (step, _, _) in built.items() if isinstance(step, RefreshingStep)
+  }
+  return times, {name: entry[2] for name, entry in built.items()}, refreshing
 
 
 def main(argv):
@@ -395,7 +419,7 @@ def main(argv):
     )
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   print(f"model: {FLAGS.model}, input {shape}, batch {FLAGS.batch_size}")
-  times, memory = time_variants(variants, model, device_data)
+  times, memory, refreshing = time_variants(variants, model, device_data)
   for variant in memory_only:
     memory[variant.name] = build_step(variant, model, device_data, FLAGS.batch_size)[2]
   # Means within a round, not medians, so that a variant refreshing its
@@ -419,6 +443,15 @@ def main(argv):
       cells.append(f"{size / unit:.2f}" if size is not None else "n/a")
       cells.append(f"{size / uniform_size:.2f}x" if size and uniform_size else "n/a")
     print(f"| {name} | " + " | ".join(cells) + " |")
+  uniform_step = np.mean(times["uniform"])
+  for name, step in refreshing.items():
+    if step.refresh_times:
+      refresh = np.mean(step.refresh_times)
+      print(
+        f"{name}: a refresh took {1e3 * refresh:.1f} ms ({refresh / uniform_step:.2f}x the "
+        f"uniform step, {refresh / uniform_step / step.every:.2f}x per step), mean of "
+        f"{len(step.refresh_times)}, warm-up included"
+      )
   sys.stdout.flush()
 
 

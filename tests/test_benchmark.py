@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -161,7 +162,7 @@ def test_tiny_benchmark_prints_ratios():
   command = [
     sys.executable, "-m", "scripts.benchmark", "--model=small_cnn", "--width=2",
     "--batch_norm", "--batch_size=8", "--steps=4", "--rounds=2", "--warmup=0",
-    "--variants=uniform,jvp/split,jvp/split-half",
+    "--variants=uniform,jvp/split,jvp/split-half,jvp/reference@2",
   ]  # fmt: skip
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr
@@ -179,6 +180,17 @@ def test_tiny_benchmark_prints_ratios():
   # With BatchNorm, per-half statistics skip the second VJP and tangent.
   flop_ratios = {name: float(cells[4][:-1]) for name, cells in rows.items()}
   assert flop_ratios["jvp/split-half"] < flop_ratios["jvp/split"]
+  # Two rounds of 2 steps refresh twice, and with no warm-up nothing else does.
+  refresh = re.search(
+    r"^jvp/reference@2: a refresh took ([0-9.]+) ms \(([0-9.]+)x the uniform step, "
+    r"([0-9.]+)x per step\), mean of 2, warm-up included$",
+    result.stdout,
+    re.MULTILINE,
+  )
+  assert refresh, result.stdout
+  milliseconds, ratio, per_step = (float(value) for value in refresh.groups())
+  assert milliseconds > 0
+  assert per_step == pytest.approx(ratio / 2, abs=0.01)
 
 
 def make_device_data(num_reference):
