@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff format --check .
 .venv/bin/ruff check .
-.venv/bin/python -m pytest "$@"
+# Two worker processes, each taking whole test files: a file's tests share
+# fixtures and compiled steps, and only one process prepares the Fashion-MNIST
+# tfds cache. Pass -n 0 to run in this process.
+.venv/bin/python -m pytest -n 2 --dist loadfile "$@"
