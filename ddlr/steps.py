@@ -143,7 +143,7 @@ def train_step(
 
   reference_direction = state.reference_direction
   baseline_state = state.baseline_state
-  reads_momentum = False
+  orders_update = False
   if (
     settings.enabled
     and settings.reference == "split"
@@ -156,9 +156,11 @@ def train_step(
     loss_fn = make_loss_fn(model, state.batch_stats, images, labels, temperatures)
     lin = _differentiate(loss_fn, state, settings)
     losses, (logits, batch_stats) = lin.losses, lin.aux
-    # Whether the alignment differentiates along the momentum buffer through
-    # the model (jvp, vmap), reading the buffer that the update overwrites.
-    reads_momentum = settings.reference == "momentum" and lin.backward is None
+    # The JVP along the momentum reads the buffer that the update overwrites.
+    # The layerwise and vmap paths needed more memory with the ordering.
+    orders_update = (
+      settings.reference == "momentum" and lin.backward is None and settings.alignment != "vmap"
+    )
     if settings.baseline.name != "none":
       rates, baseline_state = apply_baseline(
         state, data, lin, ids, labels, rates, reference_rng, model=model, tx=tx, settings=settings
@@ -170,7 +172,7 @@ def train_step(
           settings=settings, images=images,
       )  # fmt: skip
 
-  if settings.enabled and reads_momentum:
+  if settings.enabled and orders_update:
     grads = _after_alignment(grads, alignment)
   if settings.enabled:
     updates, opt_state = tx.update(
@@ -320,21 +322,24 @@ def _after_alignment(grads, alignment: jax.Array):
   momentum, which the update then overwrites in place (the train state is
   donated). Nothing in the data flow orders that read before the write, so
   XLA copies the buffer at the start of the step: 1.5 MiB, the dense
-  kernel's momentum, in the small CNN's 22 MiB step. Adding zero times the
-  alignment's sum to a leaf's gradient makes its update wait for the
-  alignment, and the copy goes away. Only leaves that hold at least
+  kernel's momentum, in the small CNN's 22 MiB step. Adding a zero computed
+  from the alignment's sum to a leaf's gradient makes its update wait for
+  the alignment, and the copy goes away. Only leaves that hold at least
   `_ORDERED_LEAF_SHARE` of the parameters wait: ordering every update after
   the alignment left XLA:CPU fewer operations to run at once and made the
-  step slower (docs/performance.md). The `layerwise` path reads the
-  momentum in a different order and needed more memory with this ordering.
+  step slower (docs/performance.md).
 
   Returns:
-    A tree equal in value to `grads` while the alignment is finite. The
-    zero comes from a finite sum only, so a NaN alignment does not reach
-    the parameters through it.
+    A tree bitwise equal to `grads`: the added value is -0.0, which leaves
+    every float unchanged (+0.0 and -0.0 included), and it comes from a
+    finite sum only, so a NaN alignment does not reach the parameters
+    through it. XLA may still fuse the ordered updates differently: with
+    Adam the parameters then differed from the unordered step's by about
+    one unit in the last place.
   """
   total = jnp.sum(alignment)
-  zero = 0.0 * jnp.where(jnp.isfinite(total), total, 0.0)
+  # -|0 * t| is -0.0 for every finite t, so adding it changes no bit.
+  zero = -jnp.abs(0.0 * jnp.where(jnp.isfinite(total), total, 0.0))
   parameter_count = sum(leaf.size for leaf in jax.tree.leaves(grads))
 
   def order(leaf):

@@ -187,19 +187,57 @@ def test_fast_and_direct_paths_agree(reference):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_update_ordered_after_alignment_keeps_values():
-  grads = {"large": jnp.arange(60.0).reshape(6, 10), "small": jnp.ones([2])}
-  for alignment in (jnp.array([0.5, -2.0]), jnp.array([jnp.nan, 1.0])):
-    ordered = steps._after_alignment(grads, alignment)
+def test_update_ordered_after_alignment_keeps_bits():
+  # Signed zeros and a NaN, next to ordinary values.
+  large = jnp.arange(60.0).reshape(6, 10).at[0, :3].set(jnp.array([-0.0, 0.0, jnp.nan]))
+  grads = {"large": large, "small": jnp.ones([2])}
+  alignments = [jnp.array([0.5, -2.0]), jnp.array([2.0, 1.0]), jnp.array([jnp.nan, 1.0])]
+  for alignment in alignments:
+    ordered = jax.jit(steps._after_alignment)(grads, alignment)
     # A NaN alignment must not reach the gradient through the added zero.
-    np.testing.assert_array_equal(ordered["large"], grads["large"])
+    np.testing.assert_array_equal(
+      np.asarray(ordered["large"]).view(np.int32), np.asarray(large).view(np.int32)
+    )
     # Leaves under the share are passed through, with no dependency added.
-    assert ordered["small"] is grads["small"]
+    np.testing.assert_array_equal(ordered["small"], grads["small"])
   jaxpr = jax.make_jaxpr(steps._after_alignment)(grads, jnp.ones([2])).jaxpr
   large_in, small_in, _ = jaxpr.invars
   large_out, small_out = jaxpr.outvars
   assert small_out is small_in
   assert large_out is not large_in
+
+
+@pytest.mark.parametrize(
+  ("alignment", "reference", "ordered"),
+  [
+    ("jvp", "momentum", True),
+    ("auto", "momentum", False),  # layerwise on the small CNN
+    ("layerwise", "momentum", False),
+    ("vmap", "momentum", False),
+    ("jvp", "reference", False),
+  ],
+)
+def test_update_ordered_only_for_jvp_momentum(monkeypatch, alignment, reference, ordered):
+  model, data, params = _setup()
+  tx = optim.ddlr(
+    optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
+    hyper_learning_rate=0.5,
+  )  # fmt: skip
+  state = steps.TrainState(
+    step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
+    opt_state=tx.init(params), rng=jax.random.key(1),
+  )  # fmt: skip
+  calls = []
+
+  def record(grads, alignment):
+    calls.append(alignment.shape)
+    return grads
+
+  monkeypatch.setattr(steps, "_after_alignment", record)
+  settings = steps.StepSettings(reference=reference, reference_batch_size=4, alignment=alignment)
+  step = functools.partial(steps.train_step, model=model, tx=tx, settings=settings)
+  jax.eval_shape(step, state, data, jnp.arange(BATCH_SIZE))
+  assert calls == ([(BATCH_SIZE,)] if ordered else [])
 
 
 def test_reused_reference_gradient_is_cached():
