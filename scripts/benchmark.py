@@ -14,7 +14,9 @@ the two means within a round, with the lowest and highest in brackets), and
 three figures of XLA's analysis of the compiled step with
 their ratios to the uniform step's: floating-point operations, the temporary
 (working) memory, and the peak, which adds the whole train state, the batch's
-ids and the outputs but not the dataset that all variants share.
+ids and the outputs but not the dataset that all variants share. Below the
+table, each timed variant that caches its reference gradient (`@k` with
+k > 1) gets a line with the mean time of one refresh, warm-up included.
 """
 
 import dataclasses
