@@ -172,9 +172,9 @@ def train_step(
           settings=settings, images=images,
       )  # fmt: skip
 
-  if settings.enabled and orders_update:
-    grads = _after_alignment(grads, alignment)
   if settings.enabled:
+    if orders_update:
+      grads = _after_alignment(grads, alignment)
     updates, opt_state = tx.update(
       grads, state.opt_state, state.params, ids=ids, labels=labels, alignment=alignment
     )

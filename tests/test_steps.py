@@ -151,9 +151,8 @@ def test_train_step_compiles_once_and_stays_finite(reference):
   np.testing.assert_array_equal(table[BATCH_SIZE + 2 :], 0.0)
 
 
-@pytest.mark.parametrize("reference", ["momentum", "split", "reference"])
-def test_fast_and_direct_paths_agree(reference):
-  model, data, params = _setup()
+def _momentum_state(params):
+  """Returns a ddlr optimizer over SGD with momentum and a fresh train state for `params`."""
   tx = optim.ddlr(
     optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
     hyper_learning_rate=0.5,
@@ -162,6 +161,13 @@ def test_fast_and_direct_paths_agree(reference):
     step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
     opt_state=tx.init(params), rng=jax.random.key(1),
   )  # fmt: skip
+  return tx, state
+
+
+@pytest.mark.parametrize("reference", ["momentum", "split", "reference"])
+def test_fast_and_direct_paths_agree(reference):
+  model, data, params = _setup()
+  tx, state = _momentum_state(params)
   paths = {
     "linearized jvp": dict(alignment="jvp", linearize=True),
     "direct jvp": dict(alignment="jvp", linearize=False),
@@ -219,14 +225,7 @@ def test_update_ordered_after_alignment_keeps_bits():
 )
 def test_update_ordered_only_for_jvp_momentum(monkeypatch, alignment, reference, ordered):
   model, data, params = _setup()
-  tx = optim.ddlr(
-    optax.sgd(ETA, momentum=0.9), num_instances=NUM_INSTANCES, learning_rate=ETA,
-    hyper_learning_rate=0.5,
-  )  # fmt: skip
-  state = steps.TrainState(
-    step=jnp.zeros([], jnp.int32), params=params, batch_stats={},
-    opt_state=tx.init(params), rng=jax.random.key(1),
-  )  # fmt: skip
+  tx, state = _momentum_state(params)
   calls = []
 
   def record(grads, alignment):
