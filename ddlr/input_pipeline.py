@@ -7,10 +7,14 @@ after `(state, device_data)`, and the evaluation batches:
   split on the device; a step receives only the batch's ids and gathers the
   rows inside the jitted step.
 - `StreamedInputs` (imagenet2012) reads each batch through tf.data; a step
-  receives the ids and the batch's images and labels.
+  receives the ids and the batch's images and labels, which are copied to
+  the device `PREFETCH_BATCHES` batches ahead of the step that takes them.
 
 Both return, for epoch `e`, the same batches whatever step a run resumes at.
 """
+
+import collections
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +22,33 @@ import numpy as np
 
 from ddlr import data as data_lib
 from ddlr import steps
+
+# Batches of a stream on the device ahead of the step that takes them: while
+# the device runs one step, the next batches' host-to-device copies are queued.
+PREFETCH_BATCHES = 2
+
+
+def prefetch_to_device(elements, size: int = PREFETCH_BATCHES):
+  """Yields the elements of an iterable, each a pytree of arrays, as device arrays.
+
+  While the caller works on one element, the next `size` have already been
+  read and passed to `jax.device_put`. Steps run asynchronously, so those
+  copies are queued while the device still runs the current step, and the
+  source (a tf.data pipeline) keeps preparing batches meanwhile. flax's
+  `jax_utils.prefetch_to_device` prefetches for data-parallel steps: it
+  splits each array's first axis across all local devices, while a ddlr
+  step runs on one device.
+
+  Raises:
+    ValueError: if `size` is below 1.
+  """
+  if size < 1:
+    raise ValueError(f"prefetch size={size} is invalid; expected at least 1.")
+  elements = iter(elements)
+  queue = collections.deque(jax.device_put(e) for e in itertools.islice(elements, size))
+  while queue:
+    queue.extend(jax.device_put(e) for e in itertools.islice(elements, 1))
+    yield queue.popleft()
 
 
 def epoch_batches(order_rng, epoch: int, num_instances: int, batch_size: int) -> jax.Array:
@@ -98,8 +129,7 @@ class StreamedInputs:
     batches = self._data.stream.train_batches(
       self._seed, epoch, self._batch_size, skip_batches=first_index
     )
-    for ids, images, labels in batches:
-      yield ids, (images, labels)
+    yield from prefetch_to_device((ids, (images, labels)) for ids, images, labels in batches)
 
   def eval_batches(self, batch_size: int):
     """Yields `(images, labels)` batches covering the whole validation split."""

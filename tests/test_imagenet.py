@@ -2,12 +2,14 @@
 
 import dataclasses
 
+import jax
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from ddlr import data as data_lib
+from ddlr import input_pipeline
 from ddlr.data import imagenet
 
 NUM_RECORDS, IMAGE_SIZE, BATCH_SIZE = 24, 16, 8
@@ -81,6 +83,20 @@ def test_epoch_order_reproducible_and_resumable(loaded):
   np.testing.assert_array_equal(ids_resumed, ids[2 * BATCH_SIZE :])
   np.testing.assert_array_equal(images_resumed, images[2 * BATCH_SIZE :])
   assert not np.array_equal(ids, ids_next)
+
+
+def test_streamed_inputs_on_device(loaded):
+  data, _, _, _ = loaded
+  inputs = input_pipeline.StreamedInputs(data, seed=0, batch_size=BATCH_SIZE)
+  with tfds.testing.mock_data(num_examples=NUM_RECORDS):
+    ids, images, labels = _epoch(data, 2, skip_batches=1)
+    streamed = list(inputs.train_inputs(epoch=2, first_index=1))
+  assert len(streamed) == NUM_RECORDS // BATCH_SIZE - 1
+  for batch_ids, (batch_images, batch_labels) in streamed:
+    assert all(isinstance(a, jax.Array) for a in (batch_ids, batch_images, batch_labels))
+  np.testing.assert_array_equal(np.concatenate([b[0] for b in streamed]), ids)
+  np.testing.assert_array_equal(np.concatenate([b[1][0] for b in streamed]), images)
+  np.testing.assert_array_equal(np.concatenate([b[1][1] for b in streamed]), labels)
 
 
 def test_reference_positions_leave_training(loaded):
