@@ -20,7 +20,7 @@ def evaluate_batches(eval_fn, state, batches, batch_size) -> dict[str, float]:
 
   Batches smaller than `batch_size` are padded so that one compiled shape serves all.
   """
-  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  batch_sums = []
   for batch_images, batch_labels in batches:
     size = len(batch_labels)
     # Padding the last batch keeps one compiled shape; the mask drops the padding.
@@ -30,8 +30,12 @@ def evaluate_batches(eval_fn, state, batches, batch_size) -> dict[str, float]:
       [batch_images, np.zeros((padding, *batch_images.shape[1:]), batch_images.dtype)]
     )
     batch_labels = np.concatenate([batch_labels, np.zeros(padding, batch_labels.dtype)])
-    sums = eval_fn(state.params, state.batch_stats, batch_images, batch_labels, mask)
-    for key, value in jax.device_get(sums).items():
+    batch_sums.append(eval_fn(state.params, state.batch_stats, batch_images, batch_labels, mask))
+  # One copy to the host at the end, so the loop does not wait for each batch
+  # before preparing the next.
+  totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+  for sums in jax.device_get(batch_sums):
+    for key, value in sums.items():
       totals[key] += float(value)
   if not totals["count"]:
     raise data_lib.DataError(
