@@ -73,7 +73,12 @@ class LoopRecord:
   target_test_accuracy: list[float] = dataclasses.field(default_factory=list)
   rest_test_accuracy: list[float] = dataclasses.field(default_factory=list)
   seconds_per_step: list[float] = dataclasses.field(default_factory=list)
-  last_train_loss: float = float("nan")
+  # Mean training loss of each finished epoch, and the running sum and count
+  # of the current epoch's per-step losses. Each step's loss is added in step
+  # order, so a resumed run sums exactly as an uninterrupted one.
+  train_loss: list[float] = dataclasses.field(default_factory=list)
+  epoch_loss_sum: float = 0.0
+  epoch_loss_steps: int = 0
 
 
 def create_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
@@ -188,9 +193,11 @@ def restore_latest(
     return None
   step_dir = os.path.join(str(manager.directory), str(step))
   try:
-    loop = LoopRecord(
-      **manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
-    )
+    saved = manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+    # Checkpoints written before the per-epoch train loss kept the mean loss of
+    # the last logged steps instead, which nothing reads now.
+    saved.pop("last_train_loss", None)
+    loop = LoopRecord(**saved)
   except (KeyError, ValueError, TypeError, OSError) as error:
     raise ResumeError(
       f"the checkpoint {step_dir} is damaged or incomplete ({_first_line(error)}); "
@@ -416,21 +423,66 @@ def truncate_metrics(path: str, last_step: int) -> None:
 FINAL_OUTPUTS = ("summary.json", "rates.npz", "rates_histogram.png", "baseline_scores.npz")
 
 
-def set_aside_final_outputs(workdir: str, step: int, total_steps: int) -> None:
+def check_no_final_outputs(workdir: str) -> None:
+  """Raises ResumeError if `workdir` has final outputs but the run would start afresh.
+
+  Without a checkpoint a run starts from step 0 and rewrites config.json, the
+  split record and metrics.jsonl. The final outputs of the earlier run would
+  then describe another config, and a sweep would reuse them as this run's.
+  """
+  found = [name for name in FINAL_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
+  if found:
+    raise ResumeError(
+      f"{workdir} has the final outputs of a finished run ({', '.join(found)}) but no "
+      "checkpoint to resume from, so a run there would start afresh beside them; use a new "
+      "--workdir, or move those files out of it to start afresh there."
+    )
+
+
+def set_aside_final_outputs(
+  workdir: str, step: int, total_steps: int, steps_per_epoch: int
+) -> None:
   """Renames a finished run's final outputs before the run trains further.
 
   A resumed run that trains more steps (more epochs) writes its final outputs
   only at its end. Until then no summary.json may describe the shorter run,
   or a sweep would reuse it, and the new outputs must not overwrite the old
-  ones. Each file of `FINAL_OUTPUTS` is kept with `_step<step>` before its
-  extension, e.g. summary_step60.json.
+  ones. Each file of `FINAL_OUTPUTS` is kept with `_step<N>` before its
+  extension, e.g. summary_step60.json, where N is the step the outputs
+  describe: the epochs in summary.json times `steps_per_epoch`. It can be
+  later than `step`, the step the run resumes at, when the last checkpoints
+  were deleted.
+
+  Raises:
+    ResumeError: if a file of that name is already there, so that no earlier
+      output is overwritten.
   """
-  if step >= total_steps or not os.path.exists(os.path.join(workdir, "summary.json")):
+  summary_path = os.path.join(workdir, "summary.json")
+  if step >= total_steps or not os.path.exists(summary_path):
     return
+  try:
+    with open(summary_path) as f:
+      final_step = len(json.load(f)["test_accuracy_per_epoch"]) * steps_per_epoch
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ResumeError(
+      f"{summary_path} cannot be read ({_first_line(error)}), so the step it describes is "
+      "unknown and it cannot be set aside; move it out of the workdir to resume."
+    ) from error
+  moves = []
   for name in FINAL_OUTPUTS:
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       stem, extension = os.path.splitext(name)
-      aside_path = os.path.join(workdir, f"{stem}_step{step}{extension}")
-      os.replace(path, aside_path)
-      logging.info("The run trains past step %d, so %s moved to %s.", step, name, aside_path)
+      aside_path = os.path.join(workdir, f"{stem}_step{final_step}{extension}")
+      if os.path.exists(aside_path):
+        raise ResumeError(
+          f"{path} would be set aside as {aside_path}, which already exists; move one of "
+          "them out of the workdir to resume."
+        )
+      moves.append((name, path, aside_path))
+  for name, path, aside_path in moves:
+    os.replace(path, aside_path)
+    logging.info(
+      "Resuming at step %d to train to step %d, so %s (step %d) moved to %s.",
+      step, total_steps, name, final_step, aside_path,
+    )  # fmt: skip

@@ -4,6 +4,7 @@ import json
 import os
 import time
 
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from clu import metric_writers
@@ -62,6 +63,32 @@ def format_duration(seconds: float) -> str:
   if seconds >= 60:
     return f"{seconds // 60}m{seconds % 60:02d}s"
   return f"{seconds}s"
+
+
+def log_progress(step, total_steps, epoch, metrics, rate_stats, speed, learning_rate) -> None:
+  """Logs one progress line: step, loss, accuracy, learning rate, rate quantiles, speed and ETA."""
+  rates = ""
+  if rate_stats:
+    rates = (
+      f" | rate q10/50/90 {rate_stats['rate_q10']:.3f}/{rate_stats['rate_median']:.3f}/"
+      f"{rate_stats['rate_q90']:.3f}"
+    )
+  logging.info(
+      "step %d/%d epoch %d | loss %.4f acc %.3f lr %.4f%s | %.1f steps/s %.0f ex/s ETA %s",
+      step, total_steps, epoch, metrics["train/loss"], metrics["train/accuracy"],
+      learning_rate, rates, speed["steps_per_second"], speed["examples_per_second"],
+      format_duration(speed["eta_seconds"]),
+  )  # fmt: skip
+
+
+def table_rate_stats(opt_state) -> dict[str, float]:
+  """Returns quantiles of the instance multipliers (one device-to-host copy)."""
+  state = optim.find_ddlr_state(opt_state)
+  if state.log_lr is None:
+    return {}
+  quantiles = jnp.exp(jnp.quantile(state.log_lr, jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])))
+  names = ("rate_min", "rate_q10", "rate_median", "rate_q90", "rate_max")
+  return {f"ddlr/{name}": float(value) for name, value in zip(names, quantiles, strict=True)}
 
 
 def write_json(path: str, payload: dict) -> None:

@@ -22,7 +22,8 @@ def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict
     "best_epoch": int(np.argmax(history)) + 1,
     "test_accuracy_per_epoch": history,
     "last_epoch_test_loss": loop.test_loss[-1],
-    "final_train_loss": loop.last_train_loss,
+    "final_train_loss": loop.train_loss[-1],
+    "train_loss_per_epoch": loop.train_loss,
     # The first epoch includes compilation, so the median is the steady rate.
     "seconds_per_step": seconds_per_step,
     "examples_per_second": run.config.train.batch_size / seconds_per_step

@@ -130,31 +130,6 @@ def _check_finite(step_metrics: list[dict], first_step: int, epoch: int) -> None
       )
 
 
-def _log_progress(step, total_steps, epoch, metrics, rate_stats, speed, learning_rate):
-  rates = ""
-  if rate_stats:
-    rates = (
-      f" | rate q10/50/90 {rate_stats['rate_q10']:.3f}/{rate_stats['rate_median']:.3f}/"
-      f"{rate_stats['rate_q90']:.3f}"
-    )
-  logging.info(
-      "step %d/%d epoch %d | loss %.4f acc %.3f lr %.4f%s | %.1f steps/s %.0f ex/s ETA %s",
-      step, total_steps, epoch, metrics["train/loss"], metrics["train/accuracy"],
-      learning_rate, rates, speed["steps_per_second"], speed["examples_per_second"],
-      reporting.format_duration(speed["eta_seconds"]),
-  )  # fmt: skip
-
-
-def _table_rate_stats(opt_state) -> dict[str, float]:
-  """Returns quantiles of the instance multipliers (one device-to-host copy)."""
-  state = optim.find_ddlr_state(opt_state)
-  if state.log_lr is None:
-    return {}
-  quantiles = jnp.exp(jnp.quantile(state.log_lr, jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])))
-  names = ("rate_min", "rate_q10", "rate_median", "rate_q90", "rate_max")
-  return {f"ddlr/{name}": float(value) for name, value in zip(names, quantiles, strict=True)}
-
-
 @dataclasses.dataclass
 class _Run:
   """Data, schedule and jitted steps of one run, built once per process."""
@@ -211,6 +186,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "checked before resuming; restore the file or use a new --workdir."
           )
       checkpoint.check_resumable_config(config_path, config)
+    else:
+      checkpoint.check_no_final_outputs(workdir)
     data = _load_data(config, workdir, resuming)
     run, state = _build(config, workdir, data)
 
@@ -219,14 +196,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
       state, loop = checkpoint.restore_latest(manager, state, len(data.labels))
       _check_resume_point(run, int(state.step), loop)
-      checkpoint.set_aside_final_outputs(workdir, int(state.step), run.total_steps)
+      checkpoint.set_aside_final_outputs(
+        workdir, int(state.step), run.total_steps, run.steps_per_epoch
+      )
     elif os.path.exists(metrics_path):
       logging.warning(
         "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path
       )
     # Written only after every resume check passed, because sweeps compare it
-    # with their config to decide whether a finished run can be reused.
-    reporting.write_json(config_path, json.loads(config.to_json()))
+    # with their config to decide whether a finished run can be reused. A
+    # finished run trains no further, so its file keeps the config it trained with.
+    if int(state.step) < run.total_steps:
+      reporting.write_json(config_path, json.loads(config.to_json()))
     checkpoint.truncate_metrics(metrics_path, int(state.step))
     state, completed = _train(run, state, loop, manager)
   finally:
@@ -389,7 +370,12 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
   start_step = int(state.step)
   first_epoch = start_step // run.steps_per_epoch + 1
   _check_resume_point(run, start_step, loop)
-  if start_step:
+  if start_step >= run.total_steps:
+    logging.info(
+      "The run has finished all %d steps; its final outputs are computed and written again.",
+      start_step,
+    )
+  elif start_step:
     logging.info("Resuming at step %d (epoch %d).", start_step, first_epoch)
   every_steps, stop_after = config.checkpoint.every_steps, config.train.stop_after_steps
   if stop_after and start_step >= stop_after and start_step < run.total_steps:
@@ -418,9 +404,7 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
         stop_now = step == stop_after
         save_due = (every_steps and step % every_steps == 0 or stop_now) and not epoch_end
         if step % config.train.log_every_steps == 0 or epoch_end or save_due:
-          loop.last_train_loss = _report_steps(
-            run, state, pending, step, epoch, metrics_log, progress
-          )
+          _report_steps(run, state, pending, step, epoch, metrics_log, progress, loop)
           pending = []
         if save_due:
           checkpoint.save(manager, state, loop)
@@ -441,14 +425,17 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
   return state, True
 
 
-def _report_steps(run, state, pending, step, epoch, metrics_log, progress) -> float:
-  """Checks the pending steps' metrics, logs their average and returns the mean loss."""
+def _report_steps(run, state, pending, step, epoch, metrics_log, progress, loop) -> None:
+  """Checks the pending steps' metrics, logs their average and adds their losses to `loop`."""
   pending = jax.device_get(pending)
   _check_finite(pending, step - len(pending), epoch)
+  for metrics in pending:
+    loop.epoch_loss_sum += float(metrics["train/loss"])
+  loop.epoch_loss_steps += len(pending)
   if run.config.ddlr.enabled:
     optim.raise_if_invalid_ids(state.opt_state)
   averaged = {key: float(np.mean([m[key] for m in pending])) for key in pending[0]}
-  rate_stats = _table_rate_stats(state.opt_state) if run.config.ddlr.enabled else {}
+  rate_stats = reporting.table_rate_stats(state.opt_state) if run.config.ddlr.enabled else {}
   speed = progress.update(step)
   lr_now = float(run.learning_rate(step - 1))
   metrics_log.write(
@@ -460,14 +447,16 @@ def _report_steps(run, state, pending, step, epoch, metrics_log, progress) -> fl
       "train/steps_per_second": speed["steps_per_second"],
     },
   )
-  _log_progress(
+  reporting.log_progress(
     step, run.total_steps, epoch, averaged,
     {k.removeprefix("ddlr/"): v for k, v in rate_stats.items()}, speed, lr_now,
   )  # fmt: skip
-  return averaged["train/loss"]
 
 
 def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
+  train_loss = loop.epoch_loss_sum / loop.epoch_loss_steps
+  loop.train_loss.append(train_loss)
+  loop.epoch_loss_sum, loop.epoch_loss_steps = 0.0, 0
   batch_size = run.config.eval.batch_size
   test = evaluate_batches(run.eval_fn, state, run.inputs.eval_batches(batch_size), batch_size)
   loop.test_accuracy.append(test["accuracy"])
@@ -488,6 +477,7 @@ def _evaluate_epoch(run, state, loop, epoch: int, metrics_log) -> None:
       "eval/accuracy": test["accuracy"],
       "eval/loss": test["loss"],
       "eval/examples": test["count"],
+      "train/epoch_loss": train_loss,
       "epoch": epoch,
       **{f"eval/{key}": value for key, value in target.items()},
     },

@@ -70,6 +70,10 @@ def test_resumed_run_is_bit_identical(finished_run, tmp_path, stop_after):
   np.testing.assert_array_equal(rates["log_lr"], reference_rates["log_lr"])
   assert np.count_nonzero(rates["log_lr"]) > 0
   assert loop.test_accuracy == reference_summary["test_accuracy_per_epoch"]
+  # Each epoch's mean train loss sums every step's loss, wherever the run stopped.
+  assert summary["train_loss_per_epoch"] == reference_summary["train_loss_per_epoch"]
+  assert summary["final_train_loss"] == reference_summary["train_loss_per_epoch"][-1]
+  assert len(summary["train_loss_per_epoch"]) == 2
 
 
 KILL_DURING_WRITE = textwrap.dedent(
@@ -290,6 +294,54 @@ def test_extended_run_sets_outputs_aside(tmp_path):
   assert len(extended["test_accuracy_per_epoch"]) == 2
   assert (tmp_path / "rates.npz").exists()
   assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
+
+
+def test_outputs_without_checkpoint_are_rejected(tmp_path):
+  run_on_mock(tiny_config(), tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints")
+  names = ("summary.json", "rates.npz", "metrics.jsonl", "config.json", "split_record.npz")
+  before = {name: (tmp_path / name).read_bytes() for name in names}
+
+  changed = tiny_config(**{"data.noise.rate": 0.2})
+  with pytest.raises(checkpoint.ResumeError, match=r"has the final outputs of a finished run"):
+    run_on_mock(changed, tmp_path)
+  for name in names:
+    assert (tmp_path / name).read_bytes() == before[name], name
+
+
+def test_set_aside_outputs_name_their_step(tmp_path):
+  config = tiny_config(**{"train.num_epochs": 2})  # 2 steps per epoch
+  first = run_on_mock(config, tmp_path)
+  # Without the last checkpoint the run resumes at step 2 and trains steps 3 and 4 again.
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+
+  again = run_on_mock(config, tmp_path)
+
+  with open(tmp_path / "summary_step4.json") as f:
+    assert json.load(f) == first
+  assert not (tmp_path / "summary_step2.json").exists()
+  assert again["test_accuracy_per_epoch"] == first["test_accuracy_per_epoch"]
+
+
+def test_set_aside_never_overwrites(tmp_path):
+  config = tiny_config(**{"train.num_epochs": 2})
+  run_on_mock(config, tmp_path)
+  shutil.rmtree(tmp_path / "checkpoints" / "4")
+  (tmp_path / "summary_step4.json").write_text("{}")
+
+  with pytest.raises(checkpoint.ResumeError, match=r"summary_step4.json, which already exists"):
+    run_on_mock(config, tmp_path)
+  assert (tmp_path / "summary_step4.json").read_text() == "{}"
+  assert (tmp_path / "summary.json").exists()
+
+
+def test_finished_run_keeps_its_config_file(tmp_path):
+  run_on_mock(tiny_config(), tmp_path)
+  saved = (tmp_path / "config.json").read_bytes()
+
+  run_on_mock(tiny_config(**{"ddlr.alignment": "jvp"}), tmp_path)
+
+  assert (tmp_path / "config.json").read_bytes() == saved
 
 
 def test_unread_ddlr_fields_are_not_differences(tmp_path):
