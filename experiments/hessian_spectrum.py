@@ -19,7 +19,10 @@ Training runs through `ddlr.train.train_and_evaluate` in `workdir/train`,
 stopped with `train.stop_after_steps` at the end of each requested epoch. At
 each stop the spectra are computed from that epoch's checkpoint and added to
 `workdir/hessian_spectrum.json`, so rerunning the command resumes: recorded
-epochs are skipped and training continues from the latest checkpoint.
+epochs are skipped and training continues from the latest checkpoint. An
+epoch that ended before the latest checkpoint and whose checkpoint was
+deleted (`config.checkpoint.max_to_keep`) cannot be added later: the rerun
+stops with an error before it trains or writes anything.
 Training stops after the last requested epoch, even before num_epochs. The
 outputs `hessian_spectrum.png` and `hessian_spectrum.md` are rewritten from
 the JSON at the end of every run.
@@ -145,6 +148,83 @@ def load_record(path: str, settings: SpectrumSettings, header: dict) -> dict:
   return record
 
 
+def kept_checkpoint_steps(train_dir: str, max_to_keep: int) -> list[int]:
+  """Returns the sorted steps of the checkpoints in `train_dir`, without creating any directory."""
+  if not os.path.isdir(os.path.join(train_dir, checkpoint.CHECKPOINT_DIR)):
+    return []
+  manager = checkpoint.create_manager(train_dir, max_to_keep)
+  try:
+    return sorted(manager.all_steps())
+  finally:
+    manager.close()
+
+
+def format_epochs(epochs: set[int]) -> str:
+  """Returns the sorted epochs as text, runs of consecutive epochs as "first to last"."""
+  runs = []
+  for epoch in sorted(epochs):
+    if runs and epoch == runs[-1][1] + 1:
+      runs[-1][1] = epoch
+    else:
+      runs.append([epoch, epoch])
+  return ", ".join(str(first) if first == last else f"{first} to {last}" for first, last in runs)
+
+
+def check_checkpoints_kept(
+  config, train_dir: str, epochs: list[int], recorded: set[int], steps_per_epoch: int
+) -> None:
+  """Checks that every requested epoch not in the record can still be analysed.
+
+  Such an epoch needs its checkpoint, or a later end of training. Training
+  only goes forward, so an epoch that ends before the latest checkpoint and
+  whose checkpoint was deleted (`config.checkpoint.max_to_keep`) cannot be
+  analysed in this workdir. The check runs before any stage, so that a
+  rejected rerun writes nothing.
+
+  Raises:
+    checkpoint.ResumeError: if the saved run has a different config, so that
+      its checkpoints do not belong to this one, or naming the epochs that
+      cannot be analysed and those that can.
+  """
+  kept = kept_checkpoint_steps(train_dir, config.checkpoint.max_to_keep)
+  if not kept:
+    return
+  config_path = os.path.join(train_dir, "config.json")
+  if os.path.exists(config_path):
+    checkpoint.check_resumable_config(config_path, config)
+  latest = kept[-1]
+  missing = [
+    epoch
+    for epoch in epochs
+    if epoch not in recorded
+    and epoch * steps_per_epoch < latest
+    and epoch * steps_per_epoch not in kept
+  ]
+  if not missing:
+    return
+
+  available = recorded | {
+    epoch
+    for epoch in range(1, config.train.num_epochs + 1)
+    if epoch * steps_per_epoch in kept or epoch * steps_per_epoch > latest
+  }
+  missing_steps = ", ".join(str(epoch * steps_per_epoch) for epoch in missing)
+  if len(missing) == 1:
+    problem = f"epoch {missing[0]}: its checkpoint (step {missing_steps}) was"
+  else:
+    problem = (
+      f"epochs {', '.join(map(str, missing))}: their checkpoints (steps {missing_steps}) were"
+    )
+  remedy = "Use a new --workdir"
+  if available:
+    remedy += f", or request only the epochs still available there: {format_epochs(available)}"
+  raise checkpoint.ResumeError(
+    f"cannot analyse {problem} not kept, because training in {train_dir} went on to step "
+    f"{latest} and config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} kept only "
+    f"steps {kept}. {remedy}."
+  )
+
+
 def train_until(config, train_dir: str, step: int) -> None:
   """Trains (or resumes) the run in `train_dir` until it has a checkpoint at `step`."""
   manager = checkpoint.create_manager(train_dir, config.checkpoint.max_to_keep)
@@ -252,7 +332,6 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   except ValueError as error:
     raise ConfigError(f"--classes or --examples_per_class: {error}") from error
 
-  os.makedirs(workdir, exist_ok=True)
   record_path = os.path.join(workdir, RECORD_NAME)
   header = {
     "dataset": config.data.name,
@@ -266,15 +345,18 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
     },
   }
   record = load_record(record_path, settings, header)
+  train_dir = os.path.join(workdir, "train")
+  recorded = {point["epoch"] for point in record["points"]}
+  check_checkpoints_kept(config, train_dir, epochs, recorded, steps_per_epoch)
+  os.makedirs(workdir, exist_ok=True)
   model = create_model(config.model, data.num_classes)
   # The report mentions BatchNorm in eval mode only for a model with BatchNorm layers.
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), data.images[:1], train=False))
   record["batch_norm"] = bool(jax.tree.leaves(variables.get("batch_stats", {})))
   hvp = hessian.HessianVectorProduct(model, chunk_size=settings.chunk_size)
-  train_dir = os.path.join(workdir, "train")
 
   for epoch in epochs:
-    if any(point["epoch"] == epoch for point in record["points"]):
+    if epoch in recorded:
       logging.info("Epoch %d is already in %s; skipping it.", epoch, record_path)
       continue
     step = epoch * steps_per_epoch

@@ -140,6 +140,69 @@ def test_spectrum_run_resumes_without_retraining(tmp_path, monkeypatch):
   )
 
 
+def _file_states(directory) -> dict[str, tuple[bytes, int]]:
+  """Returns each file's contents and modification time under `directory`, by relative path."""
+  states = {}
+  for root, _, names in os.walk(directory):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        states[os.path.relpath(path, directory)] = (f.read(), os.stat(path).st_mtime_ns)
+  return states
+
+
+def test_deleted_checkpoint_raises_before_writing(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  config = _tiny_config()
+  config.checkpoint.max_to_keep = 1
+  with tfds.testing.mock_data(num_examples=100):
+    hessian_spectrum.run(config, workdir, ["2"], SETTINGS)
+    before = _file_states(workdir)
+
+    # Epoch 1 ended at step 3, and only the checkpoint at step 6 was kept.
+    monkeypatch.setattr(train, "train_and_evaluate", _fail)
+    monkeypatch.setattr(hessian, "top_hessian_eigenvalues", _fail)
+    message = (
+      r"^cannot analyse epoch 1: its checkpoint \(step 3\) was not kept, because training in "
+      rf"{os.path.join(workdir, 'train')} went on to step 6 and "
+      r"config.checkpoint.max_to_keep=1 kept only steps \[6\]. Use a new --workdir, or "
+      r"request only the epochs still available there: 2.$"
+    )
+    with pytest.raises(checkpoint.ResumeError, match=message):
+      hessian_spectrum.run(config, workdir, ["1", "2"], SETTINGS)
+
+  after = _file_states(workdir)
+  assert sorted(after) == sorted(before)
+  for path, state in before.items():
+    assert after[path] == state, f"{path} was rewritten"
+
+
+def test_deleted_checkpoint_error_lists_available_epochs(tmp_path):
+  config = _tiny_config()
+  config.train.num_epochs = 5
+  config.checkpoint.max_to_keep = 1
+  config.train.stop_after_steps = 9
+  with tfds.testing.mock_data(num_examples=100):
+    train.train_and_evaluate(config, str(tmp_path))
+  config.train.stop_after_steps = 0
+  # 3 steps per epoch: epochs 1 and 2 ended before the kept checkpoint at step 9.
+  message = (
+    r"^cannot analyse epochs 1, 2: their checkpoints \(steps 3, 6\) were not kept, .* "
+    r"request only the epochs still available there: 3 to 5.$"
+  )
+  with pytest.raises(checkpoint.ResumeError, match=message):
+    hessian_spectrum.check_checkpoints_kept(config, str(tmp_path), [1, 2, 4], set(), 3)
+  # A recorded epoch needs no checkpoint.
+  with pytest.raises(checkpoint.ResumeError, match="available there: 1, 3 to 5.$"):
+    hessian_spectrum.check_checkpoints_kept(config, str(tmp_path), [1, 2], {1}, 3)
+
+
+def test_format_epochs_joins_consecutive_runs():
+  assert hessian_spectrum.format_epochs({2}) == "2"
+  assert hessian_spectrum.format_epochs({1, 3, 4, 5, 8}) == "1, 3 to 5, 8"
+  assert hessian_spectrum.format_epochs({6, 7}) == "6 to 7"
+
+
 def test_spectrum_record_with_other_settings_raises(tmp_path):
   (tmp_path / "hessian_spectrum.json").write_text(
     json.dumps({"settings": {**SETTINGS.__dict__, "top_k": 5}, "points": []})
