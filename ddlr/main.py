@@ -14,7 +14,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlr import cli, train
+from ddlr import cli, reporting, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
@@ -58,27 +58,8 @@ def main(argv: list[str]) -> None:
       "rerun without it, or with a later step, to continue."
     )
     return
-  print(
-    f"last-epoch test accuracy {summary['last_epoch_test_accuracy']:.4f} | "
-    f"best-epoch test accuracy {summary['best_epoch_test_accuracy']:.4f} "
-    f"(epoch {summary['best_epoch']})"
-  )
-  if "auroc" in summary:
-    print(
-      f"AUROC of learned rates (clean above noisy) {summary['auroc']:.4f} | "
-      f"noisy share of the 10% lowest rates {summary['noisy_precision_lowest_10pct']:.3f}"
-    )
-  if "final_target_test_accuracy" in summary:
-    print(
-      f"target-test accuracy {summary['final_target_test_accuracy']:.4f} | "
-      f"rest-of-test accuracy {summary['final_rest_test_accuracy']:.4f}"
-      + (" (after fine-tuning)" if "finetune_test_accuracy_per_epoch" in summary else "")
-    )
-  if "target_domain_auroc" in summary:
-    print(
-      "AUROC of learned rates (target-domain training images above the rest) "
-      f"{summary['target_domain_auroc']:.4f}"
-    )
+  for line in reporting.summary_lines(summary, FLAGS.config):
+    print(line)
   print(f"outputs in {FLAGS.workdir}")
 
 

@@ -183,3 +183,34 @@ def baseline_report(name: str, state, data, workdir: str) -> dict[str, float]:
   )
   logging.info("Saved the per-instance %s scores to %s.", name, path)
   return report
+
+
+def summary_lines(summary: dict, config) -> list[str]:
+  """Formats the headline results of a finished run's summary as lines for the terminal."""
+  lines = [
+    f"last-epoch test accuracy {summary['last_epoch_test_accuracy']:.4f} | "
+    f"best-epoch test accuracy {summary['best_epoch_test_accuracy']:.4f} "
+    f"(epoch {summary['best_epoch']})"
+  ]
+  if "auroc" in summary:
+    # A baseline's `auroc` scores its own per-instance table (baseline_scores.npz), not rates.
+    if config.ddlr.enabled:
+      scored, lowest = "learned rates", "rates"
+    else:
+      scored, lowest = f"{config.baseline.name} scores", "scores"
+    lines.append(
+      f"AUROC of {scored} (clean above noisy) {summary['auroc']:.4f} | "
+      f"noisy share of the 10% lowest {lowest} {summary['noisy_precision_lowest_10pct']:.3f}"
+    )
+  if "final_target_test_accuracy" in summary:
+    lines.append(
+      f"target-test accuracy {summary['final_target_test_accuracy']:.4f} | "
+      f"rest-of-test accuracy {summary['final_rest_test_accuracy']:.4f}"
+      + (" (after fine-tuning)" if "finetune_test_accuracy_per_epoch" in summary else "")
+    )
+  if "target_domain_auroc" in summary:
+    lines.append(
+      "AUROC of learned rates (target-domain training images above the rest) "
+      f"{summary['target_domain_auroc']:.4f}"
+    )
+  return lines

@@ -1,4 +1,4 @@
-"""Command-line errors end with one line on standard error, not a traceback."""
+"""Tests of ddlr.main: one error line instead of a traceback, and the result lines."""
 
 import os
 import re
@@ -8,6 +8,9 @@ import sys
 import time
 
 import pytest
+
+from configs import default
+from ddlr import reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -107,3 +110,44 @@ def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
   steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdecimal()]
   assert f"step {max(steps)} in" in last_line
   assert all(p.name.isdecimal() for p in checkpoints.iterdir())
+
+
+def _finished_summary():
+  return {
+    "last_epoch_test_accuracy": 0.8,
+    "best_epoch_test_accuracy": 0.81,
+    "best_epoch": 3,
+    "auroc": 0.7641,
+    "noisy_precision_lowest_10pct": 0.9,
+  }
+
+
+def test_summary_lines_name_learned_rates_for_ddlr():
+  config = default.get_config()
+  assert config.ddlr.enabled
+  lines = reporting.summary_lines(_finished_summary(), config)
+  assert lines[0] == "last-epoch test accuracy 0.8000 | best-epoch test accuracy 0.8100 (epoch 3)"
+  assert lines[1] == (
+    "AUROC of learned rates (clean above noisy) 0.7641 | noisy share of the 10% lowest rates 0.900"
+  )
+
+
+@pytest.mark.parametrize("baseline", ["data_parameters", "learning_to_reweight", "small_loss"])
+def test_summary_lines_name_baseline_scores(baseline):
+  config = default.get_config()
+  config.ddlr.enabled = False
+  config.baseline.name = baseline
+  lines = reporting.summary_lines(_finished_summary(), config)
+  assert lines[1] == (
+    f"AUROC of {baseline} scores (clean above noisy) 0.7641 | "
+    "noisy share of the 10% lowest scores 0.900"
+  )
+  assert not any("learned rates" in line for line in lines)
+
+
+def test_summary_lines_leave_out_missing_auroc():
+  config = default.get_config()
+  config.ddlr.enabled = False
+  summary = _finished_summary()
+  del summary["auroc"], summary["noisy_precision_lowest_10pct"]
+  assert len(reporting.summary_lines(summary, config)) == 1
