@@ -1,8 +1,8 @@
 """Command-line handling shared by `ddlr.main` and the scripts in experiments/.
 
-A bad flag, config file or config override, and every error in `RUN_ERRORS`,
-ends the program with one `error:` line on standard error and exit status 1
-instead of a traceback.
+A bad flag, config file or config override, a positional argument, and every
+error in `RUN_ERRORS` end the program with one `error:` line on standard error
+and exit status 1 instead of a traceback or a usage message.
 """
 
 import importlib.util
@@ -110,9 +110,19 @@ def define_config_flag(default: str, help_string: str) -> None:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """Parses the command line, turning a bad flag, config file or override into one error line."""
+  """Parses the command line, turning a bad flag, config file or override into one error line.
+
+  The programs take flags only, so a positional argument is an error too.
+  """
   try:
     remaining = FLAGS(argv)
+    if len(remaining) > 1:
+      extra = ", ".join(repr(argument) for argument in remaining[1:])
+      plural = "s" if len(remaining) > 2 else ""
+      exit_with_error(
+        f"unexpected positional argument{plural} {extra}; the program takes only flags "
+        "(--name=value, see --help)."
+      )
     # The config file is loaded lazily; loading it here reports a missing or
     # broken file before any work starts.
     if "config" in FLAGS and FLAGS.config is not None:

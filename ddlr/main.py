@@ -33,8 +33,7 @@ def _resume_hint(workdir: str) -> str:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   # TensorFlow is only the input pipeline; it must not take the accelerator.
   import tensorflow as tf  # noqa: PLC0415
 

@@ -55,6 +55,12 @@ def _error_lines(stderr: str) -> list[str]:
       ["--config=configs/default.py:quick", "--config.ddlr.refrence=x"],
       "error: --config.ddlr.refrence: ddlr has no field 'refrence'; its fields are: alignment,",
     ),
+    (
+      "hessian_spectrum",
+      ["--small", "extra", "more"],
+      "error: unexpected positional arguments 'extra', 'more'; the program takes only flags "
+      "(--name=value, see --help).",
+    ),
   ],
 )
 def test_bad_input_prints_one_error_line(tmp_path, module, arguments, message):

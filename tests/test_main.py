@@ -51,6 +51,11 @@ def _error_lines(stderr: str) -> list[str]:
       "['batch', 'lookahead', 'split', 'momentum', 'reference', 'small_loss', "
       "'small_loss_split'].",
     ),
+    (
+      ["extra"],
+      "error: unexpected positional argument 'extra'; the program takes only flags "
+      "(--name=value, see --help).",
+    ),
   ],
 )
 def test_bad_input_prints_one_error_line(tmp_path, overrides, message):
