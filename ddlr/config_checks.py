@@ -85,7 +85,7 @@ def _check_adam_moments(config) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the model, optimizer, ddlr, train, eval and finetune sections of `config`.
+  """Checks the model, optimizer, ddlr, train, eval and finetune sections and the seed of `config`.
 
   Of the data section it checks the augmentation and the image size. The
   other data fields are validated where the data is loaded.
@@ -165,6 +165,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_range(config, "train.batch_size", 1, integer=True)
   _require_range(config, "train.log_every_steps", 1, integer=True)
   _require_range(config, "train.stop_after_steps", 0, integer=True)
+  # jax.random.key keeps only the low 32 bits of the seed (jax 0.10.2, x64 off), so
+  # -1 and 2**32 would silently repeat seeds 4294967295 and 0. The streamed input's
+  # np.random.SeedSequence also raises on a negative seed.
+  _require_range(config, "seed", 0, 2**32 - 1, integer=True)
   _require_range(config, "checkpoint.every_steps", 0, integer=True)
   _require_range(config, "checkpoint.max_to_keep", 1, integer=True)
   _require_range(config, "eval.batch_size", 1, integer=True)

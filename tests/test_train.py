@@ -90,6 +90,8 @@ def test_non_finite_loss_named():
     ("ddlr.split_batch_stats", "half", r"'half' applies only to reference='split', got reference="),
     ("optimizer.name", "lion", r"config.optimizer.name='lion' is invalid"),
     ("train.batch_size", 0, r"config.train.batch_size=0 is invalid"),
+    ("seed", -1, r"config.seed=-1 is invalid; expected a value in \[0, 4294967295\]"),
+    ("seed", 2**32, r"config.seed=4294967296 is invalid; expected a value in \[0, 4294967295\]"),
     ("model.width", 0, r"config.model.width=0 is invalid; expected a value >= 1"),
     ("optimizer.learning_rate", float("nan"), r"learning_rate=nan is invalid; expected a finite"),
     ("optimizer.warmup_epochs", 5.0, r"warmup_epochs=5.0 exceeds config.train.num_epochs=1"),
