@@ -16,7 +16,8 @@ their ratios to the uniform step's: floating-point operations, the temporary
 (working) memory, and the peak, which adds the whole train state, the batch's
 ids and the outputs but not the dataset that all variants share. Below the
 table, each timed variant that caches its reference gradient (`@k` with
-k > 1) gets a line with the mean time of one refresh, warm-up included.
+k > 1) gets a line with the mean time of one refresh, over the refreshes of
+both warm-up and timed steps, and how many of them came in warm-up steps.
 """
 
 import dataclasses
@@ -284,13 +285,16 @@ class RefreshingStep:
 
   As in the training loop, the refresh is its own jitted call. The step's
   result is ready before the refresh starts, so `refresh_times` contains the
-  seconds of each refresh alone.
+  seconds of each refresh alone. The caller sets `warming_up` during warm-up
+  steps, and `warmup_refreshes` counts the refreshes made meanwhile.
   """
 
   def __init__(self, step, refresh, every: int):
     self.step, self.refresh, self.every = step, refresh, every
     self.calls = 0
     self.refresh_times: list[float] = []
+    self.warming_up = False
+    self.warmup_refreshes = 0
 
   def __call__(self, state, device_data, ids):
     """Returns the new state and the step's metrics, refreshing after every k-th call."""
@@ -301,6 +305,8 @@ class RefreshingStep:
       start = time.perf_counter()
       state = jax.block_until_ready(self.refresh(state, device_data))
       self.refresh_times.append(time.perf_counter() - start)
+      if self.warming_up:
+        self.warmup_refreshes += 1
     return state, metrics
 
 
@@ -374,6 +380,8 @@ def time_variants(variants, model, device_data):
       times[name].append([])
       for index in range(FLAGS.warmup + per_round):
         ids = batches[index % len(batches)]
+        if isinstance(step, RefreshingStep):
+          step.warming_up = index < FLAGS.warmup
         start = time.perf_counter()
         states[name], metrics = step(states[name], device_data, ids)
         jax.block_until_ready((states[name], metrics))
@@ -452,7 +460,7 @@ def main(argv):
       print(
         f"{name}: a refresh took {1e3 * refresh:.1f} ms ({refresh / uniform_step:.2f}x the "
         f"uniform step, {refresh / uniform_step / step.every:.2f}x per step), mean of "
-        f"{len(step.refresh_times)}, warm-up included"
+        f"{len(step.refresh_times)}, {step.warmup_refreshes} of them in warm-up steps"
       )
   sys.stdout.flush()
 

@@ -183,7 +183,7 @@ def test_tiny_benchmark_prints_ratios():
   # Two rounds of 2 steps refresh twice, and with no warm-up nothing else does.
   refresh = re.search(
     r"^jvp/reference@2: a refresh took ([0-9.]+) ms \(([0-9.]+)x the uniform step, "
-    r"([0-9.]+)x per step\), mean of 2, warm-up included$",
+    r"([0-9.]+)x per step\), mean of 2, 0 of them in warm-up steps$",
     result.stdout,
     re.MULTILINE,
   )
@@ -191,6 +191,29 @@ def test_tiny_benchmark_prints_ratios():
   milliseconds, ratio, per_step = (float(value) for value in refresh.groups())
   assert milliseconds > 0
   assert per_step == pytest.approx(ratio / 2, abs=0.01)
+
+
+def test_refreshes_in_warmup_steps_counted(parse_flags):
+  parse_flags("--batch_size=8", "--steps=4", "--rounds=2", "--warmup=1")
+  rng = np.random.default_rng(0)
+  shape = (benchmark.NUM_INSTANCES, 28, 28, 1)
+  data = steps.DeviceData(
+    train_images=jnp.asarray(rng.normal(size=shape).astype(np.float32)),
+    train_labels=jnp.asarray(rng.integers(0, 10, shape[0]).astype(np.int32)),
+    reference_images=jnp.asarray(rng.normal(size=(256, 28, 28, 1)).astype(np.float32)),
+    reference_labels=jnp.asarray(rng.integers(0, 10, 256).astype(np.int32)),
+  )
+  variants = benchmark.timed_variants(["jvp/reference@2"])
+  model = SmallCNN(num_classes=benchmark.NUM_CLASSES, width=2)
+  times, _, refreshing = benchmark.time_variants(variants, model, data)
+
+  # Each round makes 1 warm-up and 2 timed calls: calls 1 to 3, then 4 to 6,
+  # with warm-up calls 1 and 4. A refresh follows calls 2, 4 and 6.
+  assert [len(steps_in_round) for steps_in_round in times["jvp/reference@2"]] == [2, 2]
+  step = refreshing["jvp/reference@2"]
+  assert step.calls == 6
+  assert len(step.refresh_times) == 3
+  assert step.warmup_refreshes == 1
 
 
 def make_device_data(num_reference):
