@@ -21,7 +21,7 @@ Rerunning the same command reuses finished runs and resumes interrupted ones.
 The table is written to `results.md` in the workdir.
 """
 
-from absl import app, flags
+from absl import flags
 
 from ddlr import cli
 from experiments import paper_configs, sweep
@@ -73,8 +73,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     rows = architecture_rows(FLAGS.dataset, FLAGS.models, FLAGS.small)

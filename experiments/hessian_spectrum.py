@@ -36,7 +36,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from configs import default as default_config
 from ddlr import checkpoint, cli, hessian, reporting, train
@@ -380,8 +380,7 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   logging.set_verbosity(logging.INFO)
   overrides = [arg for arg in sys.argv if arg.startswith("--config.")]
   if FLAGS.small and (FLAGS["config"].present or overrides):

@@ -115,8 +115,7 @@ def setting_table(
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   if FLAGS.workdir is None:
     raise app.UsageError("--workdir is required.")
   unknown = [name for name in FLAGS.settings if name not in NOISE_SETTINGS]

@@ -22,7 +22,7 @@ Rerunning the same command reuses finished runs and resumes interrupted ones.
 The table is written to `results.md` in the workdir.
 """
 
-from absl import app, flags
+from absl import flags
 
 from configs import common
 from ddlr import cli
@@ -112,8 +112,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
     rows = noise_rows(FLAGS.dataset, FLAGS.model, FLAGS.settings, FLAGS.small)

@@ -32,7 +32,7 @@ for "training image is from the target domain".
 """
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags, logging
 
 from ddlr import cli
 from experiments import sweep
@@ -137,8 +137,7 @@ def define_flags() -> None:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   methods = FLAGS.methods or list(METHODS)
   unknown = sorted(set(methods) - set(METHODS))
   try:

@@ -10,7 +10,7 @@ of the last- and best-epoch test accuracy, the AUROC of the learned rates
 against the corruption mask, and the seconds per step.
 """
 
-from absl import app, flags
+from absl import flags
 
 from ddlr import cli
 from experiments import sweep
@@ -37,8 +37,7 @@ def method_rows(config) -> list[sweep.Row]:
 
 
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected command-line arguments: {argv[1:]}.")
+  del argv  # cli.parse_flags has rejected positional arguments.
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
   except ValueError as error:
