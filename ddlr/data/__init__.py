@@ -5,12 +5,8 @@ row k is instance k.
 """
 
 from ddlr.data.catalog import SUPPORTED_DATASETS, DatasetSpec, get_spec
-from ddlr.data.dataset import (
-  TrainingData,
-  default_config,
-  load_dataset,
-  normalize_images,
-)
+from ddlr.data.config import check_config, default_config
+from ddlr.data.dataset import TrainingData, load_dataset, normalize_images
 from ddlr.data.errors import DataError
 from ddlr.data.noise import NOISE_KINDS, corrupt_labels
 from ddlr.data.record import SplitRecord, load_split_record, save_split_record
@@ -25,6 +21,7 @@ __all__ = [
   "DatasetSpec",
   "SplitRecord",
   "TrainingData",
+  "check_config",
   "corrupt_labels",
   "default_config",
   "get_spec",
