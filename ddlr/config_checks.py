@@ -6,6 +6,7 @@ import ml_collections
 
 from ddlr import alignment, baselines, optim, references, steps
 from ddlr.data import augment, imagenet
+from ddlr.data import check_config as check_data_config
 from ddlr.models import MODELS, create_model
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adamw")
@@ -85,15 +86,17 @@ def _check_adam_moments(config) -> None:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the model, optimizer, ddlr, train, eval and finetune sections and the seed of `config`.
+  """Checks every section of `config` and its seed, so that a run or a sweep fails before training.
 
-  Of the data section it checks the augmentation and the image size. The
-  other data fields are validated where the data is loaded.
+  The data section gets `ddlr.data.check_config`, the checks that need no
+  data. `load_dataset` checks the rest once the data is loaded.
 
   Raises:
     ConfigError: naming the first invalid field, its value and what was expected.
+    DataError: the data section is invalid, from `ddlr.data.check_config`.
   """
   _validate_augmentation(config)
+  check_data_config(config.data)
   _require_choice(config, "model.name", sorted(MODELS))
   if "width" in config.model:
     _require_range(config, "model.width", 1, integer=True)

@@ -122,7 +122,9 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
 
   Every row's config is validated before the first run trains, so an invalid
   value fails at once rather than after the rows before it have trained. That
-  includes the reference batch of each row that still has to train.
+  includes the data section, except the checks that need the loaded data
+  (`ddlr.data.check_config`), and the reference batch of each row that
+  still has to train.
 
   Returns:
     The summaries, keyed by row name, one per seed in the order of `seeds`.
@@ -133,7 +135,8 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
     ValueError: two rows share a name.
     ConfigError: a row's config is invalid, or its reference batch is larger
       than the examples it is drawn from.
-    DataError: the data of a row that draws reference batches cannot be loaded.
+    DataError: a row's data config is invalid, or the data of a row that
+      draws reference batches cannot be loaded or is too small for its config.
   """
   names = [row.name for row in rows]
   duplicates = sorted({name for name in names if names.count(name) > 1})

@@ -389,7 +389,7 @@ def test_load_split_rejects_missing_directory(tmp_path, field, source):
   missing = str(tmp_path / "absent")
   paths = {"data_dir": None, "manual_dir": None, field: missing}
   with pytest.raises(
-    data_lib.DataError, match=re.escape(f"{field} directory not found: {missing}")
+    data_lib.DataError, match=re.escape(f"config.data.{field} directory not found: {missing}")
   ):
     data_lib.load_split("fashion_mnist", "train", source=source, **paths)
 
@@ -617,15 +617,59 @@ def test_load_dataset_rejects_unknown_and_missing_fields():
 def test_load_dataset_rejects_reference_as_large_as_training(mnist_dir):
   directory, _ = mnist_dir
   config = make_config(name="mnist", source="idx", manual_dir=directory, reference_size=300)
-  with pytest.raises(data_lib.DataError, match="reference_size=300 must be less than the 300"):
+  message = "config.data.reference_size=300 must be less than the 300 training examples"
+  with pytest.raises(data_lib.DataError, match=message):
     data_lib.load_dataset(config)
 
 
 def test_load_dataset_rejects_num_train_beyond_split(mnist_dir):
   directory, _ = mnist_dir
   config = make_config(name="mnist", source="idx", manual_dir=directory, num_train=301)
-  with pytest.raises(data_lib.DataError, match="num_train=301 exceeds the 300 examples"):
+  message = "config.data.num_train=301 exceeds the 300 examples of the mnist 'train' split"
+  with pytest.raises(data_lib.DataError, match=message):
     data_lib.load_dataset(config)
+
+
+def test_load_dataset_names_missing_manual_dir(tmp_path):
+  missing = str(tmp_path / "absent")
+  config = make_config(name="mnist", source="idx", manual_dir=missing)
+  message = f"config.data.manual_dir directory not found: {missing}"
+  with pytest.raises(data_lib.DataError, match=re.escape(message)):
+    data_lib.load_dataset(config)
+
+
+# check_config: the checks that need no data, which sweeps run before any training.
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (
+      {"noise_kind": "pairflip", "noise_rate": 0.6},
+      "invalid config.data: noise.rate=0.6 is invalid for pairflip noise; expected a value "
+      "below 0.5",
+    ),
+    (
+      {"num_train": 100, "reference_size": 100},
+      "config.data.reference_size=100 must be less than the 100 training examples it is held "
+      "out of; set it below 100",
+    ),
+    (
+      {"name": "imagenet2012", "source": "idx"},
+      "invalid config.data: source='idx' is invalid for imagenet2012",
+    ),
+  ],
+)
+def test_check_config_rejects_without_data(tmp_path, overrides, message):
+  # data_dir does not exist, so a check that read data would fail with another message.
+  config = make_config(data_dir=str(tmp_path / "absent"), **overrides)
+  with pytest.raises(data_lib.DataError, match=re.escape(message)):
+    data_lib.check_config(config)
+
+
+def test_check_config_accepts_sizes_that_fit(tmp_path):
+  config = make_config(data_dir=str(tmp_path / "absent"), num_train=101, reference_size=100)
+  data_lib.check_config(config)
 
 
 # Split records.
@@ -685,7 +729,8 @@ def test_prepared_tfds_ignores_missing_manual_dir(fashion_mnist_data_dir, tmp_pa
 
 
 def test_tfds_slice_beyond_split_raises(fashion_mnist_data_dir):
-  with pytest.raises(data_lib.DataError, match="fewer than the 70000 examples"):
+  message = "config.data.num_train=70000 exceeds the examples of the fashion_mnist 'train' split"
+  with pytest.raises(data_lib.DataError, match=message):
     data_lib.load_split(
       "fashion_mnist", "train", source="tfds", data_dir=fashion_mnist_data_dir,
       manual_dir=None, max_examples=70000,

@@ -8,8 +8,9 @@ import tensorflow_datasets as tfds
 
 from configs import default
 from configs import personalisation as personalisation_config
-from ddlr import checkpoint
+from ddlr import checkpoint, train
 from ddlr.config_checks import ConfigError
+from ddlr.data import DataError
 from experiments import personalisation, sweep, uniform_vs_ddlr
 from tests.run_helpers import MOCK_EXAMPLES, tiny_config
 
@@ -75,6 +76,49 @@ def test_run_rows_validates_every_row_first(tmp_path):
   with pytest.raises(ConfigError, match=r"config.train.batch_size=0 is invalid"):
     sweep.run_rows(rows, [0], str(tmp_path))
   assert not (tmp_path / "uniform_seed0").exists()
+
+
+def _record_training(monkeypatch) -> list[str]:
+  """Replaces training by a stub; returns the list of run directories it is called with."""
+  trained = []
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: trained.append(workdir))
+  return trained
+
+
+def test_run_rows_checks_data_configs_first(tmp_path, monkeypatch):
+  trained = _record_training(monkeypatch)
+  valid = default.get_config("quick")
+  invalid = default.get_config("quick")
+  invalid.data.noise.kind = "pairflip"
+  invalid.data.noise.rate = 0.6
+  rows = [sweep.Row("symmetric", valid), sweep.Row("pairflip", invalid)]
+  with pytest.raises(DataError, match=r"noise.rate=0.6 is invalid for pairflip noise"):
+    sweep.run_rows(rows, [0], str(tmp_path))
+  assert trained == []
+  assert not (tmp_path / "symmetric_seed0").exists()
+
+
+@pytest.mark.parametrize(
+  ("fraction", "message"),
+  [
+    (1.5, r"target.fraction must be a number in \[0, 1\), got 1.5"),
+    # The quick config has 1,000 test images.
+    (0.0001, r"target.fraction=0.0001 marks round\(0.0001 \* 1000\) = 0 of the 1000 test"),
+  ],
+)
+def test_run_rows_checks_target_fraction_first(tmp_path, monkeypatch, fraction, message):
+  trained = _record_training(monkeypatch)
+  rows = personalisation.sweep_rows(
+    personalisation_config.get_config("quick"),
+    transform="rot90",
+    fraction=fraction,
+    finetune_epochs=1,
+    methods=["uniform"],
+  )
+  assert [row.name for row in rows] == ["classes_uniform", "transform_uniform"]
+  with pytest.raises(DataError, match=message):
+    sweep.run_rows(rows, [0], str(tmp_path))
+  assert trained == []
 
 
 def test_run_rows_checks_reference_batches_first(tmp_path):

@@ -43,7 +43,8 @@ def _error_lines(stderr: str) -> list[str]:
     ),
     (
       ["--config.data.source=idx", "--config.data.manual_dir=/nonexistent/fashion"],
-      "error: manual_dir directory not found: /nonexistent/fashion",
+      "error: config.data.manual_dir directory not found: /nonexistent/fashion; set "
+      "config.data.manual_dir to an existing directory",
     ),
     (
       ["--config.ddlr.reference=oracle"],

@@ -6,6 +6,7 @@ tfds data. Nothing is downloaded.
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -183,6 +184,118 @@ def test_target_without_reference_pool_raises(raw_dir):
   config.target.classes = FOOTWEAR
   with pytest.raises(data_lib.DataError, match=r"but reference_size is 0"):
     data_lib.load_dataset(config)
+
+
+def _data_config_with_target(sizes, target):
+  config = make_config(name="mnist", source="idx", manual_dir=None, reference_size=100, **sizes)
+  for field, value in target.items():
+    config.target[field] = value
+  return config
+
+
+ROT90 = {"kind": "transform", "transform": "rot90"}
+
+
+@pytest.mark.parametrize(
+  ("sizes", "target", "message"),
+  [
+    (
+      {"num_test": 500},
+      {**ROT90, "fraction": 0.0001},
+      "config.data.target.fraction=0.0001 marks round(0.0001 * 500) = 0 of the 500 test images, "
+      "so the target test set is empty; set it to at least 1/500 = 0.002, or use more test "
+      "images (config.data.num_test)",
+    ),
+    (
+      {"num_test": 10},
+      {**ROT90, "fraction": 0.96},
+      "config.data.target.fraction=0.96 marks round(0.96 * 10) = 10 of the 10 test images, so "
+      "the rest of the test set is empty; set it to at most 9/10 = 0.9",
+    ),
+    (
+      # 20 training images are left after the 100-example reference pool.
+      {"num_train": 120},
+      {**ROT90, "fraction": 0.02},
+      "config.data.target.fraction=0.02 marks round(0.02 * 20) = 0 of the 20 training images, "
+      "so the target training set is empty; set it to at least 1/20 = 0.05",
+    ),
+    (
+      {},
+      {"kind": "classes", "classes": (5,), "sample_size": 11},
+      "config.data.target.sample_size=11 exceeds the 10 examples of the target classes (5,) in "
+      "the reference pool of 100",
+    ),
+    (
+      {},
+      {**ROT90, "fraction": 0.1, "sample_size": 101},
+      "config.data.target.sample_size=101 exceeds the 100 examples in the reference pool of 100",
+    ),
+    (
+      {},
+      {**ROT90, "fraction": 1.5},
+      "invalid config.data: target.fraction must be a number in [0, 1), got 1.5",
+    ),
+  ],
+)
+def test_check_config_rejects_target_sizes(sizes, target, message):
+  # manual_dir is None, so the check passes or fails without reading any data.
+  with pytest.raises(data_lib.DataError, match=re.escape(message)):
+    data_lib.check_config(_data_config_with_target(sizes, target))
+
+
+def test_fraction_marking_no_test_image_raises_at_load(raw_dir):
+  directory, _ = raw_dir
+  config = make_config(name="mnist", source="idx", manual_dir=directory, reference_size=100)
+  for field, value in {**ROT90, "fraction": 0.005}.items():
+    config.target[field] = value
+  # num_test is 0, so only the loaded split (50 test images) shows that
+  # round(0.005 * 50) = 0. Training keeps round(0.005 * 200) = 1 image.
+  data_lib.check_config(config)
+  message = (
+    "config.data.target.fraction=0.005 marks round(0.005 * 50) = 0 of the 50 test images, so "
+    "the target test set is empty; set it to at least 1/50 = 0.02"
+  )
+  with pytest.raises(data_lib.DataError, match=re.escape(message)):
+    data_lib.load_dataset(config)
+
+
+@pytest.mark.parametrize(
+  ("classes", "message"),
+  [
+    (
+      FOOTWEAR,
+      "none of the 5 test examples is of config.data.target.classes=(5, 7, 9), so the target "
+      "test set is empty; use more test examples (config.data.num_test) or other target classes",
+    ),
+    (
+      (0, 1, 2, 3, 4),
+      "all 5 test examples are of config.data.target.classes=(0, 1, 2, 3, 4), so the rest of "
+      "the test set is empty",
+    ),
+  ],
+)
+def test_classes_missing_from_test_split_raise_at_load(tmp_path, classes, message):
+  # The 5 test examples have the labels 0 to 4.
+  directory = str(tmp_path)
+  write_mnist_dir(directory, num_train=300, num_test=5)
+  config = make_config(name="mnist", source="idx", manual_dir=directory, reference_size=100)
+  config.target.kind = "classes"
+  config.target.classes = classes
+  with pytest.raises(data_lib.DataError, match=re.escape(message)):
+    data_lib.load_dataset(config)
+
+
+def test_empty_target_test_set_raises_before_training(tmp_path):
+  workdir = tmp_path / "run"
+  config = tiny_config()
+  for field, value in {**ROT90, "fraction": 0.004}.items():
+    config.data.target[field] = value
+  # The 100 mocked test images give round(0.004 * 100) = 0 target test images.
+  with tfds.testing.mock_data(num_examples=100):
+    with pytest.raises(data_lib.DataError, match=r"round\(0.004 \* 100\) = 0 of the 100 test"):
+      train.train_and_evaluate(config, str(workdir))
+  assert not (workdir / "split_record.npz").exists()
+  assert not (workdir / "metrics.jsonl").exists()
 
 
 def _target_config(**overrides):

@@ -2,9 +2,9 @@
 
 import ml_collections
 
-from ddlr.data import augment, catalog, checks, sources, targets
+from ddlr.data import augment, catalog, checks, imagenet, sources, targets
 from ddlr.data.errors import DataError
-from ddlr.data.noise import NOISE_KINDS
+from ddlr.data.noise import check_noise_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -57,21 +57,58 @@ _NOISE_FIELDS = frozenset(default_config().noise.keys())
 def check_config(config) -> None:
   """Raise DataError naming the first missing, unknown or invalid field of a data config.
 
-  Checks everything that can be checked before loading any data. The
-  message starts with `invalid config.data:`.
+  Checks everything that can be checked before reading any data, so that
+  sweeps can check every run's data config before the first one trains.
+  `load_dataset` checks the rest once it reads the data: the directories
+  and files, the split sizes where `num_train` or `num_test` is 0, and
+  which examples are of the target classes. A message on one field starts
+  with `invalid config.data:`, and one on the sizes names the
+  `config.data` fields it relates.
   """
   try:
     _check_config(config)
   except DataError as error:
     # The checks name fields relative to the data section.
     raise DataError(f"invalid config.data: {error}") from error
+  _check_sizes(config)
+
+
+def check_reference_size(reference_size: int, num_examples: int) -> None:
+  """Raise DataError unless `reference_size` is less than the `num_examples` it is held out of."""
+  if reference_size >= num_examples:
+    raise DataError(
+      f"config.data.reference_size={reference_size} must be less than the {num_examples} "
+      f"training examples it is held out of; set it below {num_examples}"
+    )
+
+
+def _check_sizes(config) -> None:
+  """Check the sizes that the config fixes before any data is read.
+
+  A nonzero `num_train` or `num_test` is the number of examples loaded,
+  since `load_dataset` raises on fewer, and the reference pool has exactly
+  `reference_size / num_classes` examples of every class.
+  """
+  num_train, num_test = config["num_train"], config["num_test"]
+  reference_size = config["reference_size"]
+  if num_train:
+    check_reference_size(reference_size, num_train)
+
+  target = config["target"]
+  if target["kind"] == "classes":
+    per_class = reference_size // catalog.get_spec(config["name"]).num_classes
+    targets.check_sample_size(target, per_class * len(target["classes"]), reference_size)
+  elif target["kind"] == "transform":
+    targets.check_sample_size(target, reference_size, reference_size)
+    fraction = target["fraction"]
+    if num_test:
+      targets.check_domain_split(target, "test", num_test, targets.domain_size(num_test, fraction))
+    if num_train and target["train_on"] == "all":
+      count = num_train - reference_size
+      targets.check_domain_split(target, "training", count, targets.domain_size(count, fraction))
 
 
 def _check_config(config) -> None:
-  """Raise DataError naming the first missing, unknown or invalid field.
-
-  Checks everything that can be checked before loading any data.
-  """
   _check_fields(config, _FIELDS, prefix="")
   noise = config["noise"]
   if not hasattr(noise, "keys"):
@@ -107,23 +144,26 @@ def _check_config(config) -> None:
       f"{spec.num_classes} classes of {spec.name}, so the reference set "
       "cannot be class-balanced"
     )
-  if noise["kind"] not in NOISE_KINDS:
-    raise DataError(
-      f"unknown noise.kind {noise['kind']!r}. Expected one of {', '.join(NOISE_KINDS)}"
-    )
-  rate = noise["rate"]
-  if not checks.is_real(rate) or not 0.0 <= rate < 1.0:
-    raise DataError(f"noise.rate must be a number in [0, 1), got {rate!r}")
-  if noise["kind"] == "pairflip" and rate >= 0.5:
-    raise DataError(
-      f"noise.rate={rate!r} is invalid for pairflip noise; expected a value below 0.5, since "
-      "from 0.5 on the flipped class c + 1 is at least as frequent as the true class c"
-    )
-  if noise["kind"] == "none" and rate != 0.0:
-    raise DataError(
-      f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
-    )
+  check_noise_config(noise["kind"], noise["rate"])
   _check_target_config(config, spec)
+  if spec.name == imagenet.NAME:
+    _check_imagenet_config(config)
+
+
+def _check_imagenet_config(config) -> None:
+  if config["source"] != "tfds":
+    raise DataError(
+      f"source={config['source']!r} is invalid for imagenet2012, which is read only "
+      "through tfds; set source='tfds'"
+    )
+  if config["target"]["kind"] != "none":
+    raise DataError(
+      f"target.kind={config['target']['kind']!r} is not supported for imagenet2012, whose "
+      "images stream from disk; set target.kind='none'"
+    )
+  image_size = config["image_size"]
+  if not checks.is_integer(image_size) or image_size < 1:
+    raise DataError(f"image_size must be a positive integer, got {image_size!r}")
 
 
 def _check_target_config(config, spec: catalog.DatasetSpec) -> None:

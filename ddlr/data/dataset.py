@@ -6,8 +6,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ddlr.data import catalog, checks, imagenet, sources, targets
-from ddlr.data.config import check_config
+from ddlr.data import catalog, imagenet, sources, targets
+from ddlr.data.config import check_config, check_reference_size
 from ddlr.data.errors import DataError
 from ddlr.data.noise import corrupt_labels
 from ddlr.data.splits import hold_out_reference
@@ -110,7 +110,9 @@ def load_dataset(config) -> TrainingData:
 
   Raises:
     DataError: a field is missing, unknown or invalid (the message names
-      it), or a file or directory is missing or invalid.
+      it), a file or directory is missing or invalid, or a loaded split is
+      too small for the config (e.g. a target fraction that marks no test
+      image).
   """
   check_config(config)
   name = config["name"]
@@ -143,6 +145,7 @@ def load_dataset(config) -> TrainingData:
     reference_index = reference_index[sample]
   true_labels = train_labels[train_index]
   is_target_domain, test_is_target = targets.domain_masks(true_labels, test_labels, target, seed)
+  targets.check_domain_masks(target, is_target_domain, test_is_target)
   images, reference_images, test_images = _transform_target_domain(
     train_images[train_index],
     train_images[reference_index],
@@ -221,11 +224,7 @@ def _split_and_corrupt(train_labels, spec, reference_size, seed, noise_kind, noi
   Returns:
     `(train_index, reference_index, observed labels, is_noisy)`.
   """
-  if reference_size >= len(train_labels):
-    raise DataError(
-      f"reference_size={reference_size} must be less than the "
-      f"{len(train_labels)} training examples it is held out of"
-    )
+  check_reference_size(reference_size, len(train_labels))
   train_index, reference_index = hold_out_reference(
     train_labels, reference_size, seed, num_classes=spec.num_classes
   )
@@ -245,19 +244,7 @@ def _load_imagenet(config, spec: catalog.DatasetSpec) -> TrainingData:
   The training and validation images stay on disk; `TrainingData.stream`
   reads them batch by batch.
   """
-  if config["source"] != "tfds":
-    raise DataError(
-      f"source={config['source']!r} is invalid for imagenet2012, which is read only "
-      "through tfds; set source='tfds'"
-    )
-  if config["target"]["kind"] != "none":
-    raise DataError(
-      f"target.kind={config['target']['kind']!r} is not supported for imagenet2012, whose "
-      "images stream from disk; set target.kind='none'"
-    )
   image_size = config["image_size"]
-  if not checks.is_integer(image_size) or image_size < 1:
-    raise DataError(f"image_size must be a positive integer, got {image_size!r}")
   sources.check_directory("data_dir", config["data_dir"])
   num_train, num_test = int(config["num_train"]), int(config["num_test"])
   builder = tfds.builder(imagenet.NAME, data_dir=config["data_dir"])
@@ -319,5 +306,6 @@ def normalize_images(images: np.ndarray, spec: catalog.DatasetSpec) -> np.ndarra
 def _check_loaded_count(field: str, requested: int, loaded: int, name: str, split: str) -> None:
   if requested and loaded < requested:
     raise DataError(
-      f"{field}={requested} exceeds the {loaded} examples of the {name} {split!r} split"
+      f"config.data.{field}={requested} exceeds the {loaded} examples of the {name} {split!r} "
+      f"split; set it to at most {loaded}, or to 0 for the whole split"
     )

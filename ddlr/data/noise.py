@@ -60,6 +60,26 @@ def corrupt_labels(
   return noisy, noisy != labels
 
 
+def check_noise_config(kind, rate) -> None:
+  """Raise DataError unless `kind` and `rate` are valid values of `config.data.noise`.
+
+  The message names the fields relative to the data section (`noise.rate`).
+  """
+  if kind not in NOISE_KINDS:
+    raise DataError(f"unknown noise.kind {kind!r}. Expected one of {', '.join(NOISE_KINDS)}")
+  if not checks.is_real(rate) or not 0.0 <= rate < 1.0:
+    raise DataError(f"noise.rate must be a number in [0, 1), got {rate!r}")
+  if kind == "pairflip" and rate >= 0.5:
+    raise DataError(
+      f"noise.rate={rate!r} is invalid for pairflip noise; expected a value below 0.5, since "
+      "from 0.5 on the flipped class c + 1 is at least as frequent as the true class c"
+    )
+  if kind == "none" and rate != 0.0:
+    raise DataError(
+      f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
+    )
+
+
 def _check_noise_settings(kind: str, rate: float) -> None:
   if kind not in NOISE_KINDS:
     raise DataError(f"unknown noise kind {kind!r}. Expected one of {', '.join(NOISE_KINDS)}")

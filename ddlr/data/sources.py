@@ -12,6 +12,8 @@ SOURCES = ("tfds", "idx")
 SPLITS = ("train", "test")
 
 _READ_BATCH_SIZE = 10_000
+# The field of `config.data` that `load_dataset` passes as `max_examples` of each split.
+_COUNT_FIELDS = {"train": "num_train", "test": "num_test"}
 
 
 def load_split(
@@ -43,7 +45,9 @@ def load_split(
     manual_dir: directory with the raw files. Must exist if given. With
       `source='tfds'` it is used only to prepare `fashion_mnist`.
     max_examples: if given, read at most this many examples from the
-      start of the split. A smaller split is returned whole.
+      start of the split. A smaller split is returned whole by
+      `source='idx'` and raises DataError with `source='tfds'`, naming
+      `config.data.num_train` or `num_test`, which `load_dataset` passes here.
 
   Returns:
     uint8 images `[n, H, W, C]`, int32 labels `[n]` and the class names in
@@ -82,9 +86,15 @@ def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def check_directory(field: str, path: str | None) -> None:
-  """Raises DataError if `path` is given and is not a directory."""
+  """Raises DataError if `path` is given and is not a directory.
+
+  `field` is the name of the path's field in `config.data`, which the message names.
+  """
   if path is not None and not os.path.isdir(path):
-    raise DataError(f"{field} directory not found: {path}")
+    raise DataError(
+      f"config.data.{field} directory not found: {path}; set config.data.{field} to an "
+      "existing directory"
+    )
 
 
 def _load_tfds_split(
@@ -114,8 +124,8 @@ def _load_tfds_split(
   except ValueError as error:
     # tfds rejects a slice longer than the split before any data is read.
     raise DataError(
-      f"the {name} {split!r} split has fewer than the {max_examples} examples that "
-      f"config.data.num_train or num_test requests ({error})"
+      f"config.data.{_COUNT_FIELDS[split]}={max_examples} exceeds the examples of the {name} "
+      f"{split!r} split ({error}); lower it, or set it to 0 for the whole split"
     ) from error
 
   class_names = list(builder.info.features["label"].names)

@@ -166,27 +166,51 @@ def sample_target(pool_labels: np.ndarray, target, seed: int) -> np.ndarray:
   """
   if target["kind"] == "classes":
     candidates = np.flatnonzero(np.isin(pool_labels, np.asarray(target["classes"])))
-    what = f"examples of the target classes {tuple(target['classes'])}"
   else:
     candidates = np.arange(len(pool_labels))
-    what = "examples"
   size = int(target["sample_size"])
   if size == 0:
     return candidates.astype(np.int64)
-  if size > len(candidates):
-    raise DataError(
-      f"target.sample_size={size} exceeds the {len(candidates)} {what} in the reference pool "
-      f"of {len(pool_labels)}; raise data.reference_size or lower target.sample_size"
-    )
+  check_sample_size(target, len(candidates), len(pool_labels))
   rng = np.random.default_rng([seed, _SAMPLE_STREAM])
   return np.sort(rng.choice(candidates, size=size, replace=False)).astype(np.int64)
 
 
+def check_sample_size(target, num_candidates: int, pool_size: int) -> None:
+  """Raise DataError if `target.sample_size` exceeds the target's examples in the reference pool.
+
+  Args:
+    target: the `data.target` section, already checked.
+    num_candidates: the pool's examples of the target classes (`classes`),
+      or the whole pool (`transform`).
+    pool_size: the size of the reference pool.
+  """
+  size = target["sample_size"]
+  if size <= num_candidates:
+    return
+  description = "examples"
+  if target["kind"] == "classes":
+    description = f"examples of the target classes {tuple(target['classes'])}"
+  raise DataError(
+    f"config.data.target.sample_size={size} exceeds the {num_candidates} {description} in the "
+    f"reference pool of {pool_size}; raise config.data.reference_size or lower "
+    "config.data.target.sample_size"
+  )
+
+
+def domain_size(count: int, fraction: float) -> int:
+  """Return how many of `count` images a `transform` target marks: `round(fraction * count)`.
+
+  Python's `round` rounds half to even.
+  """
+  return int(round(fraction * count))
+
+
 def choose_fraction(count: int, fraction: float, seed: int, stream: int) -> np.ndarray:
-  """Return a bool mask [count] with exactly `round(fraction * count)` True entries, by seed."""
+  """Return a bool mask [count] with `domain_size(count, fraction)` True entries, drawn by seed."""
   mask = np.zeros(count, dtype=bool)
   chosen = np.random.default_rng([seed, stream]).choice(
-    count, size=int(round(fraction * count)), replace=False
+    count, size=domain_size(count, fraction), replace=False
   )
   mask[chosen] = True
   return mask
@@ -211,6 +235,61 @@ def domain_masks(train_labels, test_labels, target, seed: int) -> tuple[np.ndarr
       choose_fraction(len(test_labels), fraction, seed, _TEST_DOMAIN_STREAM),
     )
   return np.zeros(len(train_labels), bool), np.zeros(len(test_labels), bool)
+
+
+def check_domain_masks(target, is_target_domain: np.ndarray, test_is_target: np.ndarray) -> None:
+  """Raise DataError unless the target and the rest both have examples in training and test.
+
+  An empty part of the test set has no accuracy, so the first evaluation
+  would fail. An empty part of the training set leaves no instance of the
+  target (or of the rest) for the rates to favour, and no target-domain
+  AUROC. A run that trains on the target sample alone is checked on the
+  test set only.
+  """
+  if target["kind"] == "none":
+    return
+  check_domain_split(target, "test", len(test_is_target), int(np.sum(test_is_target)))
+  if target["train_on"] == "all":
+    check_domain_split(target, "training", len(is_target_domain), int(np.sum(is_target_domain)))
+
+
+def check_domain_split(target, split: str, count: int, num_target: int) -> None:
+  """Raise DataError if `num_target` of the `count` examples of a split is 0 or all of them.
+
+  Args:
+    target: the `data.target` section, already checked, of kind `classes`
+      or `transform`.
+    split: 'training' or 'test'.
+    count: the examples of the split; for training, after the reference
+      pool is held out.
+    num_target: how many of them are from the target distribution.
+  """
+  if 0 < num_target < count:
+    return
+  size_field = "config.data.num_test" if split == "test" else "config.data.num_train"
+  if count == 0:
+    raise DataError(f"the {split} set is empty, so it has no target examples; check {size_field}")
+  empty_part = f"the target {split} set" if num_target == 0 else f"the rest of the {split} set"
+  if target["kind"] == "transform":
+    fraction = target["fraction"]
+    fix = f"use more {split} images ({size_field})"
+    if count > 1 and num_target == 0:
+      fix = f"set it to at least 1/{count} = {1 / count:.6g}, or {fix}"
+    elif count > 1:
+      fix = f"set it to at most {count - 1}/{count} = {(count - 1) / count:.6g}, or {fix}"
+    raise DataError(
+      f"config.data.target.fraction={fraction!r} marks round({fraction!r} * {count}) = "
+      f"{num_target} of the {count} {split} images, so {empty_part} is empty; {fix}"
+    )
+  classes = tuple(target["classes"])
+  if num_target == 0:
+    matches = f"none of the {count} {split} examples is"
+  else:
+    matches = f"all {count} {split} examples are"
+  raise DataError(
+    f"{matches} of config.data.target.classes={classes}, so {empty_part} is empty; use more "
+    f"{split} examples ({size_field}) or other target classes"
+  )
 
 
 def transform_masked(images: np.ndarray, mask: np.ndarray, transform: str) -> np.ndarray:
