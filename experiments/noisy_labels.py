@@ -26,6 +26,7 @@ from absl import flags
 
 from configs import common
 from ddlr import cli
+from ddlr import data as data_lib
 from experiments import paper_configs, sweep
 
 FLAGS = flags.FLAGS
@@ -50,7 +51,8 @@ def parse_setting(text: str) -> tuple[str, float]:
   """Returns (kind, rate) of a `kind:rate` noise setting.
 
   Raises:
-    ValueError: for another form, an unknown kind or a rate outside (0, 1).
+    ValueError: for another form, an unknown kind, a rate outside (0, 1) or
+      a rate that `config.data.noise` rejects for the kind (pairflip from 0.5).
   """
   kind, separator, rate_text = text.partition(":")
   noisy_kinds = [kind for kind in common.NOISE_KINDS if kind != "none"]
@@ -64,6 +66,10 @@ def parse_setting(text: str) -> tuple[str, float]:
     raise ValueError(f"--settings has {text!r}; the rate {rate_text!r} is not a number.") from None
   if not 0.0 < rate < 1.0:
     raise ValueError(f"--settings has {text!r}; expected a rate in (0, 1).")
+  try:
+    data_lib.check_noise_config(kind, rate)
+  except data_lib.DataError as error:
+    raise ValueError(f"--settings has {text!r}: {error}.") from None
   return kind, rate
 
 
@@ -104,7 +110,8 @@ def define_flags() -> None:
   flags.DEFINE_list(
     "settings",
     list(DEFAULT_SETTINGS),
-    "Noise settings as kind:rate, the kind symmetric or pairflip and the rate in (0, 1).",
+    "Noise settings as kind:rate, the kind symmetric or pairflip and the rate in (0, 1); "
+    "a pairflip rate must be below 0.5.",
   )
   flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
   flags.DEFINE_bool("small", False, "Use the configs' `small` size, a run of seconds on a CPU.")

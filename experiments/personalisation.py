@@ -72,6 +72,15 @@ def setting_config(
   return config
 
 
+def check_fraction(fraction: float) -> None:
+  """Raises ValueError unless the `--fraction` flag is in (0, 1)."""
+  if not 0.0 < fraction < 1.0:
+    raise ValueError(
+      f"--fraction={fraction:g} is invalid; expected the share of training and test images "
+      "that carry --transform, in (0, 1), e.g. 0.1."
+    )
+
+
 def method_config(config, method: str, finetune_epochs: int) -> ml_collections.ConfigDict | None:
   """Returns `config` set up for `method`, or None when the code lacks the method."""
   config = config.copy_and_resolve_references()
@@ -128,7 +137,12 @@ def define_flags() -> None:
   flags.DEFINE_enum(
     "transform", "rot90", ["rot90", "invert"], "Transformation of the covariate shift."
   )
-  flags.DEFINE_float("fraction", 0.1, "Share of training and test images that carry the transform.")
+  flags.DEFINE_float(
+    "fraction",
+    0.1,
+    "Share of training and test images that carry the transform, in (0, 1); sets "
+    "config.data.target.fraction of the covariate-shift rows.",
+  )
   flags.DEFINE_integer(
     "finetune_epochs", 10, "Epochs of the `finetune` method on the target sample."
   )
@@ -145,6 +159,7 @@ def main(argv: list[str]) -> None:
     if unknown:
       raise ValueError(f"--methods has unknown names {unknown}; expected some of {list(METHODS)}")
     sweep.check_unique("--methods", methods)
+    check_fraction(FLAGS.fraction)
     rows = sweep_rows(
       FLAGS.config,
       transform=FLAGS.transform,

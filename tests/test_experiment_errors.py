@@ -51,6 +51,16 @@ def _error_lines(stderr: str) -> list[str]:
       "error: config.train.batch_size=0 is invalid; expected a value >= 1.",
     ),
     (
+      "personalisation",
+      ["--config=configs/personalisation.py:quick", "--fraction=1.5"],
+      "error: --fraction=1.5 is invalid; expected the share of training and test images",
+    ),
+    (
+      "noisy_labels",
+      ["--dataset=fashion_mnist", "--model=small_cnn", "--small", "--settings=pairflip:0.6"],
+      "error: --settings has 'pairflip:0.6': noise.rate=0.6 is invalid for pairflip noise",
+    ),
+    (
       "hessian_spectrum",
       ["--config=configs/default.py:quick", "--config.ddlr.refrence=x"],
       "error: --config.ddlr.refrence: ddlr has no field 'refrence'; its fields are: alignment,",

@@ -121,6 +121,13 @@ def test_run_rows_checks_target_fraction_first(tmp_path, monkeypatch, fraction, 
   assert trained == []
 
 
+def test_personalisation_rejects_fraction_outside_unit_interval():
+  for fraction in (0.0, 1.0, 1.5):
+    with pytest.raises(ValueError, match=rf"--fraction={fraction:g} is invalid"):
+      personalisation.check_fraction(fraction)
+  personalisation.check_fraction(0.1)
+
+
 def test_run_rows_checks_reference_batches_first(tmp_path):
   uniform = tiny_config(**{"ddlr.enabled": False})
   # The tiny config's reference split has 10 examples.

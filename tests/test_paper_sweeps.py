@@ -63,6 +63,7 @@ def test_default_settings_are_the_paper_table():
     ("uniform:0.4", r"expected kind:rate with kind one of symmetric, pairflip"),
     ("pairflip:x", r"the rate 'x' is not a number"),
     ("symmetric:1.0", r"expected a rate in \(0, 1\)"),
+    ("pairflip:0.5", r"'pairflip:0.5': noise.rate=0.5 is invalid for pairflip noise"),
   ],
 )
 def test_parse_setting_rejects_bad_text(text, message):
