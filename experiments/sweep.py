@@ -360,14 +360,21 @@ def parse_seeds(values: Sequence[str]) -> list[int]:
   """Returns the integer seeds of a `--seeds` list flag.
 
   Raises:
-    ValueError: a value is not an integer or is repeated (the message names it).
+    ValueError: a value is not an integer in [0, 2**32 - 1], the range of
+      `config.seed`, or is repeated (the message names it).
   """
   seeds = []
   for value in values:
     try:
-      seeds.append(int(value))
+      seed = int(value)
     except ValueError:
       raise ValueError(f"--seeds must be comma-separated integers, got {value!r}") from None
+    if not 0 <= seed <= 2**32 - 1:
+      raise ValueError(
+        f"--seeds has {seed}, which is invalid; expected seeds in [0, 4294967295], the range "
+        "of config.seed."
+      )
+    seeds.append(seed)
   if not seeds:
     raise ValueError("--seeds is empty; give at least one seed, e.g. --seeds=0,1,2")
   check_unique("--seeds", [str(seed) for seed in seeds])

@@ -172,6 +172,7 @@ def test_noise_deterministic_from_seed(kind):
     ("symmetric", -0.1, "-0.1"),
     ("symmetric", float("nan"), "nan"),
     ("none", 0.2, "0.2"),
+    ("pairflip", 0.5, "expected a value below 0.5"),
   ],
 )
 def test_noise_rejects_bad_settings(kind, rate, message):

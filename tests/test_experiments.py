@@ -269,6 +269,9 @@ def test_parse_seeds_names_bad_value():
     sweep.parse_seeds(["0", "x"])
   with pytest.raises(ValueError, match="--seeds lists 1 more than once"):
     sweep.parse_seeds(["1", "0", "1"])
+  for seed in ("-1", str(2**32)):
+    with pytest.raises(ValueError, match=rf"--seeds has {seed}, which is invalid"):
+      sweep.parse_seeds(["0", seed])
 
 
 def test_uniform_vs_ddlr_rows_differ_only_in_switch():

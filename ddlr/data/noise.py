@@ -31,7 +31,8 @@ def corrupt_labels(
   Args:
     labels: true labels, integers in `[0, num_classes)`, shape `[n]`.
     kind: one of `NOISE_KINDS`.
-    rate: fraction of examples to select, in `[0, 1)`.
+    rate: fraction of examples to select, in `[0, 1)`, and below 0.5 for
+      `pairflip`.
     num_classes: number of classes C, at least 2.
     seed: non-negative integer seed.
 
@@ -40,7 +41,7 @@ def corrupt_labels(
     is true exactly where the observed label differs from the true one.
   """
   labels = checks.check_labels(labels, num_classes)
-  _check_noise_settings(kind, rate)
+  check_noise_config(kind, rate)
   checks.check_count("seed", seed)
 
   noisy = labels.copy()
@@ -77,16 +78,4 @@ def check_noise_config(kind, rate) -> None:
   if kind == "none" and rate != 0.0:
     raise DataError(
       f"noise.kind is 'none' but noise.rate is {rate!r}. Set noise.rate to 0 or choose a noise kind"
-    )
-
-
-def _check_noise_settings(kind: str, rate: float) -> None:
-  if kind not in NOISE_KINDS:
-    raise DataError(f"unknown noise kind {kind!r}. Expected one of {', '.join(NOISE_KINDS)}")
-  if not checks.is_real(rate) or not 0.0 <= rate < 1.0:
-    raise DataError(f"noise rate must be a number in [0, 1), got {rate!r}")
-  if kind == "none" and rate != 0.0:
-    raise DataError(
-      f"noise kind 'none' needs rate 0, got {rate!r}. Set a noise kind "
-      f"({', '.join(NOISE_KINDS[1:])}) or rate 0"
     )
