@@ -14,7 +14,9 @@ intact and the unfinished one is ignored and removed on the next start.
 import contextlib
 import dataclasses
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import threading
@@ -194,9 +196,12 @@ def restore_latest(
   step_dir = os.path.join(str(manager.directory), str(step))
   try:
     saved = manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
-    # Checkpoints written before the per-epoch train loss kept the mean loss of
-    # the last logged steps instead, which nothing reads now.
-    saved.pop("last_train_loss", None)
+    if "train_loss" not in saved:
+      # Written before the per-epoch train loss was kept: the loss of its
+      # epochs, and of the steps done in the current one, is unknown (NaN).
+      saved.pop("last_train_loss", None)
+      saved["train_loss"] = [math.nan] * len(saved.get("test_accuracy", []))
+      saved["epoch_loss_sum"] = math.nan
     loop = LoopRecord(**saved)
   except (KeyError, ValueError, TypeError, OSError) as error:
     raise ResumeError(
@@ -423,14 +428,26 @@ def truncate_metrics(path: str, last_step: int) -> None:
 FINAL_OUTPUTS = ("summary.json", "rates.npz", "rates_histogram.png", "baseline_scores.npz")
 
 
+# The name of a final output set aside at step N, e.g. summary_step60.json.
+_SET_ASIDE = re.compile(
+  "|".join(
+    re.escape(os.path.splitext(name)[0]) + r"_step\d+" + re.escape(os.path.splitext(name)[1])
+    for name in FINAL_OUTPUTS
+  )
+)
+
+
 def check_no_final_outputs(workdir: str) -> None:
   """Raises ResumeError if `workdir` has final outputs but the run would start afresh.
 
   Without a checkpoint a run starts from step 0 and rewrites config.json, the
-  split record and metrics.jsonl. The final outputs of the earlier run would
-  then describe another config, and a sweep would reuse them as this run's.
+  split record and metrics.jsonl. The final outputs of the earlier run, or
+  those it set aside (summary_step60.json), would then describe another
+  config, and a sweep would reuse a summary.json as this run's.
   """
-  found = [name for name in FINAL_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
+  found = sorted(
+    name for name in os.listdir(workdir) if name in FINAL_OUTPUTS or _SET_ASIDE.fullmatch(name)
+  )
   if found:
     raise ResumeError(
       f"{workdir} has the final outputs of a finished run ({', '.join(found)}) but no "

@@ -174,6 +174,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not os.access(workdir, os.W_OK):
     raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
   logging.info("Config:\n%s", config)
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
+    # Before the manager creates the directory, so a rejected workdir stays as it was.
+    checkpoint.check_no_final_outputs(workdir)
   manager = checkpoint.create_manager(workdir, config.checkpoint.max_to_keep)
   try:
     resuming = manager.latest_step() is not None
@@ -196,6 +199,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if resuming:
       state, loop = checkpoint.restore_latest(manager, state, len(data.labels))
       _check_resume_point(run, int(state.step), loop)
+      summary_path = os.path.join(workdir, "summary.json")
+      if int(state.step) == run.total_steps and os.path.exists(summary_path):
+        logging.info("The run has finished all %d steps; see %s.", run.total_steps, summary_path)
+        with open(summary_path) as f:
+          return json.load(f)
       checkpoint.set_aside_final_outputs(
         workdir, int(state.step), run.total_steps, run.steps_per_epoch
       )
@@ -323,11 +331,12 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
 def _check_resume_point(run: _Run, start_step: int, loop: checkpoint.LoopRecord) -> None:
   """Raises ResumeError unless the restored step and loop record fit this run."""
   first_epoch = start_step // run.steps_per_epoch + 1
-  if len(loop.test_accuracy) != first_epoch - 1:
-    raise checkpoint.ResumeError(
-      f"the checkpoint at step {start_step} records {len(loop.test_accuracy)} evaluated "
-      f"epochs, expected {first_epoch - 1}; the checkpoint directory is inconsistent."
-    )
+  for name, history in (("evaluated", loop.test_accuracy), ("train-loss", loop.train_loss)):
+    if len(history) != first_epoch - 1:
+      raise checkpoint.ResumeError(
+        f"the checkpoint at step {start_step} records {len(history)} {name} epochs, expected "
+        f"{first_epoch - 1}; the checkpoint directory is inconsistent."
+      )
   if start_step > run.total_steps:
     raise checkpoint.ResumeError(
       f"the checkpoint at step {start_step} is past the end of this run "
@@ -371,12 +380,13 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
   first_epoch = start_step // run.steps_per_epoch + 1
   _check_resume_point(run, start_step, loop)
   if start_step >= run.total_steps:
-    logging.info(
-      "The run has finished all %d steps; its final outputs are computed and written again.",
-      start_step,
-    )
+    logging.info("The run has finished all %d steps; writing its final outputs.", start_step)
   elif start_step:
     logging.info("Resuming at step %d (epoch %d).", start_step, first_epoch)
+  if start_step % run.steps_per_epoch == 0:
+    # Nothing of this epoch is done yet. Also clears the unknown (NaN) sum of a
+    # loop record written before the per-epoch train loss was kept.
+    loop.epoch_loss_sum, loop.epoch_loss_steps = 0.0, 0
   every_steps, stop_after = config.checkpoint.every_steps, config.train.stop_after_steps
   if stop_after and start_step >= stop_after and start_step < run.total_steps:
     logging.warning(

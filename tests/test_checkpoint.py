@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import signal
@@ -296,17 +297,71 @@ def test_extended_run_sets_outputs_aside(tmp_path):
   assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
 
 
-def test_outputs_without_checkpoint_are_rejected(tmp_path):
+@pytest.mark.parametrize("set_aside", [False, True])
+def test_outputs_without_checkpoint_are_rejected(tmp_path, set_aside):
   run_on_mock(tiny_config(), tmp_path)
   shutil.rmtree(tmp_path / "checkpoints")
-  names = ("summary.json", "rates.npz", "metrics.jsonl", "config.json", "split_record.npz")
-  before = {name: (tmp_path / name).read_bytes() for name in names}
+  if set_aside:  # as a run extended past step 2 leaves them
+    for name in ("summary.json", "rates.npz"):
+      stem, extension = os.path.splitext(name)
+      os.replace(tmp_path / name, tmp_path / f"{stem}_step2{extension}")
+  before = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
 
   changed = tiny_config(**{"data.noise.rate": 0.2})
   with pytest.raises(checkpoint.ResumeError, match=r"has the final outputs of a finished run"):
     run_on_mock(changed, tmp_path)
-  for name in names:
-    assert (tmp_path / name).read_bytes() == before[name], name
+  after = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+  assert after == before  # no file changed, and no checkpoints directory made
+
+
+def _as_older_loop_record(workdir, step):
+  """Rewrites the loop record of checkpoint `step` in the format of the older code."""
+  path = workdir / "checkpoints" / str(step) / "loop" / "metadata"
+  record = json.loads(path.read_text())
+  for field in ("train_loss", "epoch_loss_sum", "epoch_loss_steps"):
+    del record[field]
+  record["last_train_loss"] = 2.0
+  path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize("stop_after", [3, 2])  # in epoch 2, and at its start
+def test_older_loop_record_resumes(tmp_path, stop_after):
+  config = tiny_config(**{"train.num_epochs": 2})  # 2 steps per epoch
+  reference = run_on_mock(config, tmp_path / "uninterrupted")
+  run_on_mock(config.copy_and_resolve_references(), tmp_path / "run")
+  shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
+  for name in ("summary.json", "rates.npz", "rates_histogram.png"):
+    (tmp_path / "run" / name).unlink()
+  if stop_after == 2:
+    _as_older_loop_record(tmp_path / "run", 2)
+  else:
+    stopped = tiny_config(**{"train.num_epochs": 2, "train.stop_after_steps": 3})
+    shutil.rmtree(tmp_path / "run")
+    run_on_mock(stopped, tmp_path / "run")
+    _as_older_loop_record(tmp_path / "run", 3)
+
+  summary = run_on_mock(config, tmp_path / "run")
+
+  assert summary["test_accuracy_per_epoch"] == reference["test_accuracy_per_epoch"]
+  # Epoch 1's loss is unknown, and so is epoch 2's when the run resumes after its first
+  # step, whose loss the older record did not keep.
+  assert math.isnan(summary["train_loss_per_epoch"][0])
+  if stop_after == 2:
+    assert summary["train_loss_per_epoch"][1] == reference["train_loss_per_epoch"][1]
+  else:
+    assert math.isnan(summary["train_loss_per_epoch"][1])
+  assert len(summary["train_loss_per_epoch"]) == 2
+
+
+def test_finished_run_returns_its_summary(tmp_path):
+  first = run_on_mock(tiny_config(), tmp_path)
+  _as_older_loop_record(tmp_path, 2)  # a finished run of the older code reruns as well
+  outputs = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+
+  again = run_on_mock(tiny_config(), tmp_path)
+
+  assert again == first
+  assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == outputs
 
 
 def test_set_aside_outputs_name_their_step(tmp_path):

@@ -339,7 +339,7 @@ def test_finetune_runs_and_repeats_on_resume(tmp_path):
   )
   # Target and rest partition the test set, so their weighted accuracies add up.
   assert summary["final_test_accuracy"] == pytest.approx(_weighted_accuracy(summary, data))
-  # The rerun resumes at the end of the main training and repeats the fine-tuning.
+  # The rerun of the finished run returns its summary, fine-tuning included.
   for key in ("finetune_test_accuracy_per_epoch", "finetune_target_test_accuracy_per_epoch"):
     assert repeated[key] == summary[key], key
 
