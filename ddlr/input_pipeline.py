@@ -39,6 +39,11 @@ def prefetch_to_device(elements, size: int = PREFETCH_BATCHES):
   splits each array's first axis across all local devices, while a ddlr
   step runs on one device.
 
+  When the caller asks for the next element while it still keeps the current
+  one, up to `size` + 2 elements are on the device. An error of the source
+  (e.g. a damaged record) is raised when its element is read, which is
+  `size` elements before the caller would reach it.
+
   Raises:
     ValueError: if `size` is below 1.
   """

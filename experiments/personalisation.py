@@ -35,6 +35,7 @@ import ml_collections
 from absl import flags, logging
 
 from ddlr import cli
+from ddlr.data import targets
 from experiments import sweep
 
 FLAGS = flags.FLAGS
@@ -72,12 +73,24 @@ def setting_config(
   return config
 
 
-def check_fraction(fraction: float) -> None:
-  """Raises ValueError unless the `--fraction` flag is in (0, 1)."""
+def check_fraction(fraction: float, num_test: int) -> None:
+  """Raises ValueError unless `--fraction` is in (0, 1) and marks some, not all, test images.
+
+  `num_test` is `config.data.num_test`. When it is 0 (the whole test split)
+  the count is checked once the data is loaded, in config terms.
+  """
   if not 0.0 < fraction < 1.0:
     raise ValueError(
       f"--fraction={fraction:g} is invalid; expected the share of training and test images "
       "that carry --transform, in (0, 1), e.g. 0.1."
+    )
+  marked = targets.domain_size(num_test, fraction)
+  if num_test and not 0 < marked < num_test:
+    raise ValueError(
+      f"--fraction={fraction:g} marks round({fraction:g} * {num_test}) = {marked} of the "
+      f"{num_test} test images (config.data.num_test), so the target or the rest of the test "
+      f"set is empty; expected a fraction from 1/{num_test} to {num_test - 1}/{num_test}, "
+      "e.g. 0.1."
     )
 
 
@@ -159,7 +172,7 @@ def main(argv: list[str]) -> None:
     if unknown:
       raise ValueError(f"--methods has unknown names {unknown}; expected some of {list(METHODS)}")
     sweep.check_unique("--methods", methods)
-    check_fraction(FLAGS.fraction)
+    check_fraction(FLAGS.fraction, FLAGS.config.data.num_test)
     rows = sweep_rows(
       FLAGS.config,
       transform=FLAGS.transform,

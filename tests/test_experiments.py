@@ -124,8 +124,19 @@ def test_run_rows_checks_target_fraction_first(tmp_path, monkeypatch, fraction, 
 def test_personalisation_rejects_fraction_outside_unit_interval():
   for fraction in (0.0, 1.0, 1.5):
     with pytest.raises(ValueError, match=rf"--fraction={fraction:g} is invalid"):
-      personalisation.check_fraction(fraction)
-  personalisation.check_fraction(0.1)
+      personalisation.check_fraction(fraction, num_test=1000)
+  personalisation.check_fraction(0.1, num_test=1000)
+
+
+def test_personalisation_rejects_fraction_marking_no_test_image():
+  message = r"--fraction=0.0004 marks round\(0.0004 \* 1000\) = 0 of the 1000 test images"
+  with pytest.raises(ValueError, match=message):
+    personalisation.check_fraction(0.0004, num_test=1000)
+  with pytest.raises(ValueError, match=r"= 1000 of the 1000 test images"):
+    personalisation.check_fraction(0.9996, num_test=1000)
+  personalisation.check_fraction(0.001, num_test=1000)
+  # The whole test split: its size is known, and checked, once the data is loaded.
+  personalisation.check_fraction(0.0004, num_test=0)
 
 
 def test_run_rows_checks_reference_batches_first(tmp_path):
