@@ -152,7 +152,8 @@ class _Run:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the configured model, evaluates after every epoch and writes the outputs.
 
-  Rerunning with the same workdir resumes from its latest checkpoint. Writes
+  Rerunning with the same workdir resumes from its latest checkpoint; for a
+  finished run it reads and returns `summary.json`, writing nothing. Writes
   to `workdir`: `config.json`, `split_record.npz`, `checkpoints/`,
   `metrics.jsonl` and TensorBoard event files, and at the end `rates.npz`,
   `rates_histogram.png` and `summary.json`.
