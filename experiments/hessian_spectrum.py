@@ -186,19 +186,19 @@ def check_checkpoints_kept(
       its checkpoints do not belong to this one, or naming the epochs that
       cannot be analysed and those that can.
   """
-  kept = kept_checkpoint_steps(train_dir, config.checkpoint.max_to_keep)
-  if not kept:
+  kept_steps = kept_checkpoint_steps(train_dir, config.checkpoint.max_to_keep)
+  if not kept_steps:
     return
   config_path = os.path.join(train_dir, "config.json")
   if os.path.exists(config_path):
     checkpoint.check_resumable_config(config_path, config)
-  latest = kept[-1]
+  latest = kept_steps[-1]
   missing = [
     epoch
     for epoch in epochs
     if epoch not in recorded
     and epoch * steps_per_epoch < latest
-    and epoch * steps_per_epoch not in kept
+    and epoch * steps_per_epoch not in kept_steps
   ]
   if not missing:
     return
@@ -206,7 +206,7 @@ def check_checkpoints_kept(
   available = recorded | {
     epoch
     for epoch in range(1, config.train.num_epochs + 1)
-    if epoch * steps_per_epoch in kept or epoch * steps_per_epoch > latest
+    if epoch * steps_per_epoch in kept_steps or epoch * steps_per_epoch > latest
   }
   missing_steps = ", ".join(str(epoch * steps_per_epoch) for epoch in missing)
   if len(missing) == 1:
@@ -221,7 +221,7 @@ def check_checkpoints_kept(
   raise checkpoint.ResumeError(
     f"cannot analyse {problem} not kept, because training in {train_dir} went on to step "
     f"{latest} and config.checkpoint.max_to_keep={config.checkpoint.max_to_keep} kept only "
-    f"steps {kept}. {remedy}."
+    f"steps {kept_steps}. {remedy}."
   )
 
 

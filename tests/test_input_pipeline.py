@@ -7,9 +7,9 @@ import pytest
 from ddlr import input_pipeline
 
 
-def _counted(elements, taken):
+def _counted(elements, read):
   for element in elements:
-    taken.append(element)
+    read.append(element)
     yield element
 
 
@@ -20,7 +20,7 @@ def _batches(count):
 
 
 @pytest.mark.parametrize("count", [0, 1, 2, 5])
-def test_prefetch_yields_every_element_in_order_as_device_arrays(count):
+def test_prefetch_keeps_order_on_device(count):
   fetched = list(input_pipeline.prefetch_to_device(_batches(count), size=2))
   assert len(fetched) == count
   for i, (ids, rest) in enumerate(fetched):
@@ -31,13 +31,13 @@ def test_prefetch_yields_every_element_in_order_as_device_arrays(count):
 
 @pytest.mark.parametrize("size", [1, 2, 3])
 def test_prefetch_reads_size_elements_ahead(size):
-  taken = []
-  fetched = input_pipeline.prefetch_to_device(_counted(_batches(6), taken), size=size)
-  assert not taken  # nothing is read before the first element is asked for
+  read = []
+  fetched = input_pipeline.prefetch_to_device(_counted(_batches(6), read), size=size)
+  assert not read  # nothing is read before the first element is asked for
   for i in range(6):
     next(fetched)
     # While element i is used, elements up to i + size have been copied.
-    assert len(taken) == min(i + 1 + size, 6)
+    assert len(read) == min(i + 1 + size, 6)
   assert next(fetched, None) is None
 
 
