@@ -250,6 +250,14 @@ def _finetune(run: _Run, state) -> dict:
 def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
   """Loads the dataset and records its split, or checks it against the record when resuming."""
   data = data_lib.load_dataset(config.data)
+  # Before the split record is written, so a rejected config leaves no new file.
+  num_train = len(data.labels)
+  if config.train.batch_size > num_train:
+    raise data_lib.DataError(
+      f"config.train.batch_size={config.train.batch_size} exceeds the {num_train} training "
+      f"instances; set it to at most {num_train}."
+    )
+  check_reference_batches(config, len(data.reference_labels), num_train)
   record_path = os.path.join(workdir, "split_record.npz")
   if resuming and os.path.exists(record_path):
     saved = data_lib.load_split_record(record_path)
@@ -272,7 +280,6 @@ def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
     len(data.labels), 100 * data.noise_rate, config.data.noise.kind,
     len(data.reference_labels), len(data.test_labels), data.num_classes,
   )  # fmt: skip
-  check_reference_batches(config, len(data.reference_labels), len(data.labels))
   return data
 
 
@@ -281,10 +288,6 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
   num_instances = len(data.labels)
   batch_size = config.train.batch_size
   steps_per_epoch = num_instances // batch_size
-  if steps_per_epoch == 0:
-    raise data_lib.DataError(
-      f"config.train.batch_size={batch_size} exceeds the {num_instances} training instances."
-    )
   total_steps = steps_per_epoch * config.train.num_epochs
   learning_rate = learning_rate_schedule(config.optimizer, total_steps, steps_per_epoch)
   model = create_model(config.model, data.num_classes)

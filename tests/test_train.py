@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from ddlr import train
 from ddlr.config_checks import ConfigError, validate_config
+from ddlr.data import DataError
 from tests.run_helpers import tiny_config
 
 
@@ -108,6 +109,26 @@ def test_invalid_config_value_raises(tmp_path, path, value, message):
   with pytest.raises(ConfigError, match=message):
     with tfds.testing.mock_data(num_examples=100):
       train.train_and_evaluate(tiny_config(**{path: value}), str(tmp_path))
+
+
+@pytest.mark.parametrize(
+  ("overrides", "error", "message"),
+  [
+    # 100 mocked examples, 10 of them held out as the reference split.
+    ({"train.batch_size": 91}, DataError, r"batch_size=91 exceeds the 90 training instances"),
+    (
+      {"ddlr.reference_batch_size": 11},
+      ConfigError,
+      r"reference_batch_size=11 is larger than the reference split \(10 examples\)",
+    ),
+  ],
+)
+def test_oversized_batch_writes_no_split_record(tmp_path, overrides, error, message):
+  with pytest.raises(error, match=message):
+    with tfds.testing.mock_data(num_examples=100):
+      train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
+  assert not (tmp_path / "split_record.npz").exists()
+  assert not (tmp_path / "config.json").exists()
 
 
 def test_reused_reference_rejects_current_point():
