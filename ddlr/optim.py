@@ -11,7 +11,9 @@ weighted gradient, the batch's instance ids and the alignment to
 Method limitation: the hypergradient is first order. It is exact for plain SGD
 with the reference evaluated after the step; for momentum and Adam it ignores
 how this step's gradient changes the optimizer's later steps, and Adam's
-preconditioner is read from the state before the step.
+preconditioner is read from the state before the step. With Adam it also
+leaves out the scalar (1 - b1) / (1 - b1^t) with which this step's gradient
+enters the first moment, which `hypergradient_scale='rms'` divides out.
 """
 
 from typing import Any, NamedTuple
@@ -22,6 +24,10 @@ import numpy as np
 import optax
 
 HYPERGRADIENT_SCALES = ("none", "rms")
+# With hypergradient_scale='rms', a centred hypergradient smaller than this
+# share of the uncentred one is treated as float32 rounding (relative size
+# about 1e-7) rather than scaled up to full steps.
+RMS_RELATIVE_FLOOR = 1e-3
 
 
 class DdlrState(NamedTuple):
@@ -52,6 +58,7 @@ def ddlr(
   log_lr_max: float = 5.0,
   normalize: bool = True,
   hypergradient_scale: str = "none",
+  accumulation_steps: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Wraps `base` with learned per-instance (and per-class) learning rates.
 
@@ -73,7 +80,11 @@ def ddlr(
   where the centring term :math:`c` is the derivative of the batch-mean
   normalisation. With `hypergradient_scale='rms'`, :math:`h` is divided by its
   batch root mean square, so that `hyper_learning_rate` is a step in log space
-  per visit. Then, per instance id :math:`k` in the batch,
+  per visit. That root mean square is taken to be at least
+  `RMS_RELATIVE_FLOOR` times the root mean square of the uncentred terms
+  :math:`\frac{\eta_t}{B} r_i s_i`: when every example aligns alike, the
+  centred :math:`h` is float rounding, which the division would otherwise
+  turn into full steps. Then, per instance id :math:`k` in the batch,
 
   .. math::
     d_k = \textstyle\sum_{i: I_i = k} h_i + \lambda a_k, \quad
@@ -90,7 +101,24 @@ def ddlr(
   parameters' dtype. Concrete ids outside `[0, num_instances)` raise
   `ValueError`; under `jit` the out-of-range positions are dropped and the
   first such id is stored in `DdlrState.invalid_id`, which
-  `raise_if_invalid_ids` turns into the same error on the host.
+  `raise_if_invalid_ids` turns into the same error on the host. Concrete
+  labels outside `[0, num_classes)` raise `ValueError`; under `jit` they give
+  the batch NaN rates, so the loss turns NaN instead of a wrong class's rate
+  being used.
+
+  Gradient accumulation: with `accumulation_steps` = K > 1, `base` is wrapped
+  in `optax.MultiSteps`, so the parameters move once per K calls of `update`,
+  by `base`'s update of the mean of the K micro-batch gradients. The rates of
+  each micro-batch's instances are updated in its own call, with the
+  hypergradient divided by K (each micro-batch is 1/K of the step) and
+  :math:`\eta_t` taken at the base step `count // K`. Do not wrap `ddlr`
+  itself in `optax.MultiSteps`: that keeps the inner state of every call but
+  the K-th, so the rate updates of the other micro-batches would be lost.
+
+  With `optax.inject_hyperparams`, list `num_instances`, `num_classes` and
+  `accumulation_steps` (when given) in `static_args`, because they shape the
+  state. The float arguments may then be injected or scheduled. Whether the
+  momentum tables exist is fixed by `hyper_momentum` at `init`.
 
   Args:
     base: optax optimizer that turns the weighted gradient into the update.
@@ -111,6 +139,10 @@ def ddlr(
     normalize: divide the batch's multipliers by their batch mean, so the
       global step size stays :math:`\eta_t`.
     hypergradient_scale: `'none'` or `'rms'`, see above.
+    accumulation_steps: K, the number of micro-batches whose gradients make
+      one parameter update, see above; None is 1, no accumulation. (An int
+      default would be an injected hyperparameter under
+      `optax.inject_hyperparams` unless listed in `static_args`.)
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes the
@@ -125,8 +157,13 @@ def ddlr(
     <https://arxiv.org/abs/1703.04782>`_, 2018.
   """
   _check_positive_int("num_instances", num_instances)
+  if accumulation_steps is None:
+    accumulation_steps = 1
+  _check_positive_int("accumulation_steps", accumulation_steps)
   _check_finite_at_least("hyper_learning_rate", hyper_learning_rate, 0.0)
-  if not 0.0 <= hyper_momentum < 1.0:
+  # Under optax.inject_hyperparams the float arguments arrive as traced arrays
+  # inside a jitted update. Their values were checked when `init` was built.
+  if not _is_traced(hyper_momentum) and not 0.0 <= hyper_momentum < 1.0:
     raise ValueError(f"hyper_momentum must be in [0, 1), got {hyper_momentum}.")
   if num_classes is not None:
     _check_positive_int("num_classes", num_classes)
@@ -134,13 +171,15 @@ def ddlr(
     class_hyper_learning_rate = hyper_learning_rate
   _check_finite_at_least("class_hyper_learning_rate", class_hyper_learning_rate, 0.0)
   _check_finite_at_least("log_lr_decay", log_lr_decay, 0.0)
-  if not log_lr_min < log_lr_max:
-    raise ValueError(f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}.")
-  if not log_lr_min <= init_log_lr <= log_lr_max:
-    raise ValueError(
-      f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
-      f"[{log_lr_min}, {log_lr_max}]."
-    )
+  bounds = (log_lr_min, log_lr_max, init_log_lr)
+  if not any(_is_traced(value) for value in bounds):
+    if not log_lr_min < log_lr_max:
+      raise ValueError(f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}.")
+    if not log_lr_min <= init_log_lr <= log_lr_max:
+      raise ValueError(
+        f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
+        f"[{log_lr_min}, {log_lr_max}]."
+      )
   if hypergradient_scale not in HYPERGRADIENT_SCALES:
     raise ValueError(
       f"hypergradient_scale must be one of {HYPERGRADIENT_SCALES}, got {hypergradient_scale!r}."
@@ -152,10 +191,12 @@ def ddlr(
     )
 
   base = optax.with_extra_args_support(base)
-  use_momentum = hyper_momentum > 0.0
+  if accumulation_steps > 1:
+    base = optax.MultiSteps(base, every_k_schedule=accumulation_steps).gradient_transformation()
   learning_rate_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init_fn(params):
+    use_momentum = bool(hyper_momentum > 0.0)
     return DdlrState(
       count=jnp.zeros([], jnp.int32),
       log_lr=_table(instance_rates and num_instances, init_log_lr),
@@ -167,16 +208,22 @@ def ddlr(
     )
 
   def update_fn(updates, state, params=None, *, ids, alignment, labels=None, **extra_args):
+    _check_batch_args(ids, alignment, labels, num_instances, num_classes)
     ids = jnp.asarray(ids)
     alignment = jnp.asarray(alignment, jnp.float32)
-    _check_batch_args(ids, alignment, labels, num_instances, num_classes)
+    # The state, not `hyper_momentum`, says whether momentum tables exist: an
+    # injected value is traced here.
+    has_momentum = state.log_lr_momentum is not None or state.class_log_lr_momentum is not None
+    mu = hyper_momentum if has_momentum else 0.0
 
     rates = _batch_rates(state, ids, labels, normalize)
-    eta = jnp.asarray(learning_rate_fn(state.count), jnp.float32)
+    eta = jnp.asarray(learning_rate_fn(state.count // accumulation_steps), jnp.float32)
     centred = alignment - jnp.mean(rates * alignment) if normalize else alignment
-    hypergrad = -(eta / ids.shape[0]) * rates * centred
+    scale = eta / (ids.shape[0] * accumulation_steps)
+    hypergrad = -scale * rates * centred
     if hypergradient_scale == "rms":
-      hypergrad = hypergrad / (jnp.sqrt(jnp.mean(hypergrad**2)) + 1e-12)
+      floor = RMS_RELATIVE_FLOOR * _root_mean_square(scale * rates * alignment)
+      hypergrad = hypergrad / (jnp.maximum(_root_mean_square(hypergrad), floor) + 1e-12)
 
     in_range = (ids >= 0) & (ids < num_instances)
     first_invalid = jnp.where(jnp.all(in_range), -1, ids[jnp.argmin(in_range)].astype(jnp.int32))
@@ -186,14 +233,14 @@ def ddlr(
     if instance_rates:
       log_lr, log_lr_momentum = _instance_step(
           log_lr, log_lr_momentum, ids, in_range, hypergrad,
-          beta=hyper_learning_rate, mu=hyper_momentum, decay=log_lr_decay,
+          beta=hyper_learning_rate, mu=mu, decay=log_lr_decay,
           bounds=(log_lr_min, log_lr_max),
       )  # fmt: skip
     class_log_lr, class_log_lr_momentum = state.class_log_lr, state.class_log_lr_momentum
     if num_classes is not None:
       class_log_lr, class_log_lr_momentum = _class_step(
           class_log_lr, class_log_lr_momentum, labels, hypergrad,
-          beta=class_hyper_learning_rate, mu=hyper_momentum, decay=log_lr_decay,
+          beta=class_hyper_learning_rate, mu=mu, decay=log_lr_decay,
           bounds=(log_lr_min, log_lr_max),
       )  # fmt: skip
 
@@ -227,7 +274,7 @@ def _instance_step(log_lr, momentum, ids, in_range, hypergrad, *, beta, mu, deca
   safe_ids = jnp.where(in_range, ids, 0)
   current = log_lr[safe_ids]
   direction = summed + decay * current
-  if mu > 0.0:
+  if momentum is not None:
     direction = mu * momentum[safe_ids] + direction
     momentum = momentum.at[jnp.where(in_range, ids, log_lr.shape[0])].set(direction, mode="drop")
   new_values = jnp.clip(current - beta * direction, *bounds)
@@ -238,10 +285,11 @@ def _instance_step(log_lr, momentum, ids, in_range, hypergrad, *, beta, mu, deca
 def _class_step(class_log_lr, momentum, labels, hypergrad, *, beta, mu, decay, bounds):
   """Takes one hyper-optimizer step on the classes present in the batch."""
   num_classes = class_log_lr.shape[0]
-  summed = jnp.zeros([num_classes], hypergrad.dtype).at[labels].add(hypergrad)
-  present = jnp.zeros([num_classes], jnp.int32).at[labels].add(1) > 0
+  # Out-of-range labels (possible only under jit) are dropped, not clamped.
+  summed = jnp.zeros([num_classes], hypergrad.dtype).at[labels].add(hypergrad, mode="drop")
+  present = jnp.zeros([num_classes], jnp.int32).at[labels].add(1, mode="drop") > 0
   direction = summed + decay * class_log_lr
-  if mu > 0.0:
+  if momentum is not None:
     direction = mu * momentum + direction
     momentum = jnp.where(present, direction, momentum)
   stepped = jnp.clip(class_log_lr - beta * direction, *bounds)
@@ -252,9 +300,15 @@ def _batch_rates(state: DdlrState, ids, labels, normalize: bool) -> jax.Array:
   exponent = jnp.zeros(ids.shape, jnp.float32)
   if state.log_lr is not None:
     exponent = exponent + state.log_lr[jnp.clip(ids, 0, state.log_lr.shape[0] - 1)]
+  valid = jnp.ones(ids.shape, bool)
   if state.class_log_lr is not None:
-    exponent = exponent + state.class_log_lr[labels]
-  rates = jnp.exp(exponent)
+    num_classes = state.class_log_lr.shape[0]
+    valid = (labels >= 0) & (labels < num_classes)
+    exponent = exponent + state.class_log_lr[jnp.clip(labels, 0, num_classes - 1)]
+  # NaN for a label outside [0, num_classes) rather than the clamped class's
+  # rate. It is set after exp: under jit on XLA:CPU (jax 0.10.2) an exp of a
+  # select of NaN returned 1.
+  rates = jnp.where(valid, jnp.exp(exponent), jnp.nan)
   if normalize:
     rates = rates / jnp.mean(rates)
   return rates
@@ -355,29 +409,52 @@ def adam_preconditioner(opt_state: optax.OptState, *, b2: float, eps: float) -> 
 
 
 def _check_batch_args(ids, alignment, labels, num_instances, num_classes):
-  if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
-    raise ValueError(f"ids must be a 1-D integer array, got shape {ids.shape} {ids.dtype}.")
-  if alignment.shape != ids.shape:
-    raise ValueError(f"alignment must have the shape of ids {ids.shape}, got {alignment.shape}.")
+  ids_shape = jnp.shape(ids)
+  ids_dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
+  if len(ids_shape) != 1 or not jnp.issubdtype(ids_dtype, jnp.integer):
+    raise ValueError(f"ids must be a 1-D integer array, got shape {ids_shape} {ids_dtype}.")
+  if jnp.shape(alignment) != ids_shape:
+    raise ValueError(
+      f"alignment must have the shape of ids {ids_shape}, got {jnp.shape(alignment)}."
+    )
   if num_classes is not None:
     if labels is None:
       raise ValueError("class rates are enabled (num_classes given), so update needs labels.")
-    if jnp.shape(labels) != ids.shape:
-      raise ValueError(f"labels must have the shape of ids {ids.shape}, got {jnp.shape(labels)}.")
-  if not isinstance(ids, jax.core.Tracer):
-    bad = np.asarray(ids)[(np.asarray(ids) < 0) | (np.asarray(ids) >= num_instances)]
-    if bad.size:
-      raise ValueError(
-        f"instance id {int(bad[0])} is outside [0, {num_instances}); "
-        "ids must index the training set."
-      )
+    if jnp.shape(labels) != ids_shape:
+      raise ValueError(f"labels must have the shape of ids {ids_shape}, got {jnp.shape(labels)}.")
+    _check_concrete_range("label", labels, num_classes, "labels must be class indices")
+  # Checked before the ids become a jax array, which would wrap 64-bit values to 32 bits.
+  _check_concrete_range("instance id", ids, num_instances, "ids must index the training set")
+
+
+def _check_concrete_range(name: str, values, bound: int, requirement: str) -> None:
+  """Raises ValueError if concrete integer `values` leave [0, bound); traced values pass."""
+  if _is_traced(values):
+    return
+  values = np.asarray(values)
+  bad = values[(values < 0) | (values >= bound)]
+  if bad.size:
+    raise ValueError(f"{name} {int(bad[0])} is outside [0, {bound}); {requirement}.")
+
+
+def _is_traced(value) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _root_mean_square(values: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.mean(values**2))
 
 
 def _check_positive_int(name: str, value: Any) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    hint = ""
+    if isinstance(value, jax.Array):
+      hint = " It sizes the state, so with optax.inject_hyperparams list it in static_args."
+    raise ValueError(f"{name} must be a positive integer, got {value!r}.{hint}")
 
 
 def _check_finite_at_least(name: str, value: float, minimum: float) -> None:
+  if _is_traced(value):
+    return
   if not np.isfinite(value) or value < minimum:
     raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")

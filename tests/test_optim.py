@@ -289,3 +289,164 @@ def test_composes_with_chain_and_inject_hyperparams():
   tx = optim.ddlr(injected, num_instances=4, learning_rate=0.1, hyper_learning_rate=0.1)
   state = tx.init(params)
   assert optim.momentum_buffer(state)["w"].shape == (3,)
+
+
+def test_accumulation_updates_every_micro_batch():
+  params = {"w": jnp.zeros(2)}
+  tx = optim.ddlr(
+      optax.sgd(0.5), num_instances=6, learning_rate=lambda count: 0.1 * (count + 1),
+      hyper_learning_rate=1.0, accumulation_steps=2,
+  )  # fmt: skip
+  state = tx.init(params)
+  alignment = jnp.array([1.0, -1.0])
+  first = {"w": jnp.array([1.0, 0.0])}
+  second = {"w": jnp.array([0.0, 3.0])}
+  updates, state = tx.update(first, state, params, ids=jnp.array([0, 1]), alignment=alignment)
+  np.testing.assert_array_equal(updates["w"], [0.0, 0.0])
+  updates, state = tx.update(second, state, params, ids=jnp.array([2, 3]), alignment=alignment)
+  # One SGD step on the mean of the two micro-batch gradients.
+  np.testing.assert_allclose(updates["w"], [-0.25, -0.75], rtol=1e-6)
+  # h = -(eta / (B K)) (s - mean(s)) with eta at base step 0: 0.1 / 4 = 0.025.
+  np.testing.assert_allclose(
+    optim.find_ddlr_state(state).log_lr, [0.025, -0.025, 0.025, -0.025, 0.0, 0.0], rtol=1e-6
+  )
+  _, state = tx.update(first, state, params, ids=jnp.array([4, 5]), alignment=alignment)
+  # The third call is in base step 1, where eta is 0.2.
+  np.testing.assert_allclose(optim.find_ddlr_state(state).log_lr[4:], [0.05, -0.05], rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_accumulated_hypergradient_matches_autodiff(normalize):
+  params, inputs, labels, reference_inputs, reference_labels, _ = _problem()
+  eta = 0.3
+  micro_batches = [jnp.array([7, 2, 9]), jnp.array([4, 0, 5])]
+  tx = optim.ddlr(
+      optax.sgd(eta), num_instances=NUM_INSTANCES, learning_rate=eta, hyper_learning_rate=1.0,
+      log_lr_min=-100.0, log_lr_max=100.0, normalize=normalize, accumulation_steps=2,
+  )  # fmt: skip
+
+  def weighted_gradient(p, table, ids):
+    rates = jnp.exp(table[ids])
+    if normalize:
+      rates = rates / jnp.mean(rates)
+    return jax.grad(lambda q: jnp.mean(rates * _losses(q, inputs[ids], labels[ids])))(p)
+
+  def reference_loss_after_step(table):
+    grads = [weighted_gradient(params, table, ids) for ids in micro_batches]
+    params_after = jax.tree.map(lambda p, a, b: p - eta * (a + b) / 2, params, *grads)
+    return jnp.mean(_losses(params_after, reference_inputs, reference_labels))
+
+  table = jnp.zeros(NUM_INSTANCES)
+  exact = jax.grad(reference_loss_after_step)(table)
+  grads = [weighted_gradient(params, table, ids) for ids in micro_batches]
+  params_after = jax.tree.map(lambda p, a, b: p - eta * (a + b) / 2, params, *grads)
+  direction = jax.grad(lambda p: jnp.mean(_losses(p, reference_inputs, reference_labels)))(
+    params_after
+  )
+  state = tx.init(params)
+  for ids, grad in zip(micro_batches, grads, strict=True):
+    lin = alignment_lib.linearize_losses(
+      lambda p, ids=ids: (_losses(p, inputs[ids], labels[ids]), None), params
+    )
+    alignment = lin.jvp(direction)
+    _, state = tx.update(grad, state, params, ids=ids, alignment=alignment)
+  # With hyper learning rate 1 the log rates moved by minus the hypergradient.
+  np.testing.assert_allclose(optim.find_ddlr_state(state).log_lr, -exact, rtol=1e-4, atol=1e-7)
+
+
+def test_inject_hyperparams_schedules_ddlr_arguments():
+  params = {"w": jnp.ones(3)}
+  arguments = {
+    "base": optax.sgd(0.1),
+    "num_instances": 4,
+    "learning_rate": 0.1,
+    "hyper_learning_rate": 1.0,
+    "hyper_momentum": 0.5,
+  }
+  injected = optax.inject_hyperparams(optim.ddlr, static_args=("num_instances",))(**arguments)
+  plain = optim.ddlr(**arguments)
+  batch = {"ids": jnp.array([0, 1]), "alignment": jnp.array([1.0, -1.0])}
+  grads = {"w": jnp.ones(3)}
+
+  @jax.jit
+  def update(state):
+    return injected.update(grads, state, params, **batch)[1]
+
+  state = update(injected.init(params))
+  _, expected = plain.update(grads, plain.init(params), params, **batch)
+  np.testing.assert_allclose(optim.find_ddlr_state(state).log_lr, expected.log_lr, rtol=1e-6)
+  state.hyperparams["hyper_learning_rate"] = jnp.zeros([])
+  frozen = update(state)
+  np.testing.assert_array_equal(
+    optim.find_ddlr_state(frozen).log_lr, optim.find_ddlr_state(state).log_lr
+  )
+
+
+def test_inject_hyperparams_needs_static_sizes():
+  factory = optax.inject_hyperparams(optim.ddlr)
+  tx = factory(base=optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=0.1)
+  with pytest.raises(ValueError, match=r"num_instances must be a positive integer, got Array"):
+    tx.init({"w": jnp.ones(3)})
+  with pytest.raises(ValueError, match=r"list it in static_args"):
+    tx.init({"w": jnp.ones(3)})
+
+
+def test_out_of_range_label_raises_or_gives_nan():
+  tx = optim.ddlr(
+    optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=1.0, num_classes=3
+  )
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  grads = {"w": jnp.ones(2)}
+  ids, alignment = jnp.array([0, 1]), jnp.array([1.0, -1.0])
+  for labels, bad in (([0, 3], 3), ([0, -1], -1)):
+    with pytest.raises(ValueError, match=rf"label {bad} is outside \[0, 3\)"):
+      tx.update(grads, state, params, ids=ids, alignment=alignment, labels=jnp.array(labels))
+
+  rates = jax.jit(lambda labels: optim.instance_rates(state, ids, labels, normalize=False))(
+    jnp.array([0, 3])
+  )
+  assert np.isfinite(rates[0])
+  assert np.isnan(rates[1])
+  new_state = jax.jit(
+    lambda labels: tx.update(grads, state, params, ids=ids, alignment=alignment, labels=labels)[1]
+  )(jnp.array([0, 3]))
+  # Class 2, which an index of 3 would have been clamped to, is not updated.
+  assert new_state.class_log_lr[2] == 0.0
+
+
+def test_64_bit_id_is_not_wrapped():
+  tx = optim.ddlr(optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=1.0)
+  params = {"w": jnp.ones(2)}
+  ids = np.array([2**32 + 1], np.int64)
+  with pytest.raises(ValueError, match=r"instance id 4294967297 is outside \[0, 4\)"):
+    tx.update({"w": jnp.ones(2)}, tx.init(params), params, ids=ids, alignment=np.ones(1))
+
+
+@pytest.mark.parametrize("batch_size", [3, 5, 6, 7])
+@pytest.mark.parametrize("init_log_lr", [0.0, 0.37, 1.1])
+def test_rms_scale_takes_no_step_on_equal_alignments(batch_size, init_log_lr):
+  tx = optim.ddlr(
+      optax.sgd(0.1), num_instances=8, learning_rate=0.1, hyper_learning_rate=0.3,
+      init_log_lr=init_log_lr, hypergradient_scale="rms",
+  )  # fmt: skip
+  params = {"w": jnp.ones(2)}
+  ids = jnp.arange(batch_size)
+  # The exact centred hypergradient is zero; float32 rounding leaves about 1e-8.
+  alignment = jnp.full([batch_size], 0.731)
+  _, state = tx.update({"w": jnp.ones(2)}, tx.init(params), params, ids=ids, alignment=alignment)
+  np.testing.assert_allclose(state.log_lr[:batch_size], init_log_lr, atol=1e-3 * 0.3)
+
+
+def test_rms_scale_steps_beta_per_visit():
+  tx = optim.ddlr(
+      optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=0.3,
+      hypergradient_scale="rms", normalize=False,
+  )  # fmt: skip
+  params = {"w": jnp.ones(2)}
+  alignment = jnp.array([1.0, -2.0, 3.0, 0.5])
+  _, state = tx.update(
+    {"w": jnp.ones(2)}, tx.init(params), params, ids=jnp.arange(4), alignment=alignment
+  )
+  expected = 0.3 * alignment / np.sqrt(np.mean(np.square(alignment)))
+  np.testing.assert_allclose(state.log_lr, expected, rtol=1e-6)
