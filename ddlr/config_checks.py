@@ -149,7 +149,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f"config.ddlr.split_batch_stats='half' applies only to reference='split', got "
       f"reference={config.ddlr.reference!r}. Set split_batch_stats='batch' or reference='split'."
     )
-  if config.ddlr.enabled and config.ddlr.reference in ("split", "small_loss_split"):
+  if config.ddlr.enabled and config.ddlr.reference in references.SPLIT_REFERENCES:
     if config.train.batch_size < 2:
       raise ConfigError(
         f"config.ddlr.reference={config.ddlr.reference!r} needs config.train.batch_size >= 2."

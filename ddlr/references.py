@@ -34,6 +34,9 @@ REFERENCES = (
   "small_loss",
   "small_loss_split",
 )
+# The references that score each half of the batch against the other half, so
+# they need a batch of at least 2 examples.
+SPLIT_REFERENCES = ("split", "small_loss_split")
 # Parameters at which the `reference` (and `small_loss`) batch's gradient is taken: after the step
 # (exact for SGD), or the current ones (a first-order shortcut, one forward less).
 REFERENCE_POINTS = ("lookahead", "current")

@@ -113,7 +113,13 @@ def train_step(
 
   Returns:
     The new `TrainState` and a dict of scalar metrics for this step.
+
+  Raises:
+    ValueError: at trace time, if a split reference gets a batch of fewer
+      than 2 examples.
   """
+  _check_split_batch_size(ids.shape[0], settings)
+
   if batch is None:
     images = data.train_images[ids]
     labels = data.train_labels[ids]
@@ -209,6 +215,17 @@ def train_step(
       opt_state, hypergradient.HypergradientState, "learning_rate"
     )
   return new_state, metrics
+
+
+def _check_split_batch_size(batch_size: int, settings: StepSettings) -> None:
+  # With one example one half is empty, so the step would raise a bare
+  # ZeroDivisionError or return NaN rates, depending on the model.
+  if settings.enabled and settings.reference in references.SPLIT_REFERENCES and batch_size < 2:
+    raise ValueError(
+      f"settings.reference={settings.reference!r} scores each half of the batch against the other "
+      f"half, so each half needs at least one example, but the batch size is {batch_size}. "
+      "Use a batch of at least 2 examples or another reference."
+    )
 
 
 def apply_baseline(state, data, lin, ids, labels, rates, rng, *, model, tx, settings):

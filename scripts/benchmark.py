@@ -40,8 +40,6 @@ INPUT_SHAPES = {"small_cnn": (28, 28, 1)}
 DEFAULT_INPUT_SHAPE = (32, 32, 3)
 NUM_INSTANCES, NUM_REFERENCE, NUM_CLASSES = 4096, 1000, 10
 PATHS = ("jvp", "layerwise", "vmap", "direct-jvp")
-# References that score each half of the batch against the other half.
-SPLIT_REFERENCES = ("split", "small_loss_split")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "small_cnn", sorted(MODELS), "Model name from ddlr.models.MODELS.")
@@ -221,7 +219,7 @@ def check_split_batch_size(values) -> bool:
       settings = parse_variant(name).settings
     except ValueError:
       continue  # check_variants and check_memory_only report the invalid name.
-    if settings.enabled and settings.reference in SPLIT_REFERENCES:
+    if settings.enabled and settings.reference in references.SPLIT_REFERENCES:
       split.append(name)
   if split and values["batch_size"] < 2:
     raise flags.ValidationError(

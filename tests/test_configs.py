@@ -153,6 +153,18 @@ def test_streamed_imagenet_rejects_small_loss_reference():
     validate_config(config)
 
 
+@pytest.mark.parametrize("reference", ["split", "small_loss_split"])
+def test_split_reference_rejects_batch_of_one(reference):
+  config = default.get_config("quick")
+  config.ddlr.reference = reference
+  config.train.batch_size = 1
+  with pytest.raises(ConfigError) as raised:
+    validate_config(config)
+  assert str(raised.value) == (
+    f"config.ddlr.reference='{reference}' needs config.train.batch_size >= 2."
+  )
+
+
 @pytest.mark.parametrize(
   "overrides, num_reference, num_train, message",
   [

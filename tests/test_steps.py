@@ -467,3 +467,25 @@ def test_split_half_odd_batch_running_mean():
     after["batch"].batch_stats["BatchNorm_0"]["mean"],
     rtol=1e-5, atol=1e-7,
   )  # fmt: skip
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
+@pytest.mark.parametrize("reference", ["split", "small_loss_split"])
+def test_split_rejects_batch_of_one(reference, batch_norm):
+  if batch_norm:
+    model, data, params, batch_stats = _batch_norm_setup()
+    tx, state = _batch_norm_state(params, batch_stats)
+    settings = steps.StepSettings(reference=reference)
+  else:
+    model, data, params = _setup()
+    tx, state, settings = _state(model, params, reference)
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+
+  expected = (
+    f"settings.reference='{reference}' scores each half of the batch against the other half, "
+    "so each half needs at least one example, but the batch size is 1. Use a batch of at "
+    "least 2 examples or another reference."
+  )
+  with pytest.raises(ValueError) as raised:
+    step(state, data, jnp.array([3]))
+  assert str(raised.value) == expected
