@@ -2,7 +2,9 @@
 
 import pytest
 
-from ddlr.config_checks import validate_config
+from configs import default
+from ddlr import references
+from ddlr.config_checks import reference_batch_source, validate_config
 from experiments import noisy_comparison, sweep
 
 
@@ -53,6 +55,26 @@ def test_small_loss_untrusted_row_selects_per_class():
   assert rows[6].config.ddlr.reference == "small_loss"
   assert rows[6].config.ddlr.small_loss_per_class
   assert not rows[0].config.ddlr.small_loss_per_class
+
+
+def test_every_reference_classified_once():
+  trusted = set(noisy_comparison.TRUSTED_REFERENCES)
+  untrusted = set(noisy_comparison.UNTRUSTED_REFERENCES)
+
+  assert trusted & untrusted == set()
+  assert trusted | untrusted == set(references.REFERENCES)
+  assert len(noisy_comparison.TRUSTED_REFERENCES) == len(trusted)
+  assert len(noisy_comparison.UNTRUSTED_REFERENCES) == len(untrusted)
+
+
+@pytest.mark.parametrize("reference", references.REFERENCES)
+def test_trusted_references_draw_reference_split(reference):
+  # The config checks know which references read the reference split, so the
+  # two lists must agree, or a trusted reference would skip its size checks.
+  config = default.get_config()
+  config.ddlr.reference = reference
+  reads_reference_split = reference_batch_source(config) == "reference split"
+  assert reads_reference_split == (reference in noisy_comparison.TRUSTED_REFERENCES)
 
 
 def test_invalid_size_is_rejected():
