@@ -17,7 +17,7 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core import hashing
 
 from ddlr import data as data_lib
-from ddlr.data import fashion_offline
+from ddlr.data import catalog, fashion_offline
 
 DEBIAN_DIR = fashion_offline.DEBIAN_FASHION_MNIST_DIR
 needs_debian_fashion_mnist = pytest.mark.skipif(
@@ -402,6 +402,36 @@ def test_load_split_rejects_bad_source_and_split(tmp_path):
     data_lib.load_split("mnist", "validation", source="idx", data_dir=None, manual_dir=None)
   with pytest.raises(data_lib.DataError, match="needs manual_dir"):
     data_lib.load_split("mnist", "train", source="idx", data_dir=None, manual_dir=None)
+
+
+@pytest.fixture
+def dataset_without_reader(monkeypatch):
+  """Adds a catalog entry without a raw-file reader, as a new dataset's first step does."""
+  spec = catalog.DatasetSpec("svhn_cropped", 10, (32, 32, 3), (0.5,) * 3, (0.25,) * 3)
+  monkeypatch.setitem(catalog._SPECS, spec.name, spec)
+  return spec.name
+
+
+NO_READER_MESSAGE = (
+  "source='idx' cannot read dataset 'svhn_cropped' because ddlr/data/raw_files.py has no "
+  "reader for it. source='idx' reads mnist, fashion_mnist, cifar10, cifar100. Use "
+  "source='tfds', or add a reader for svhn_cropped"
+)
+
+
+def test_idx_rejects_dataset_without_reader(tmp_path, dataset_without_reader):
+  with pytest.raises(data_lib.DataError) as raised:
+    data_lib.load_split(
+      dataset_without_reader, "train", source="idx", data_dir=None, manual_dir=str(tmp_path)
+    )
+  assert str(raised.value) == NO_READER_MESSAGE
+
+
+def test_idx_config_rejects_dataset_without_reader(tmp_path, dataset_without_reader):
+  config = make_config(name=dataset_without_reader, source="idx", manual_dir=str(tmp_path))
+  with pytest.raises(data_lib.DataError) as raised:
+    data_lib.load_dataset(config)
+  assert str(raised.value) == f"invalid config.data: {NO_READER_MESSAGE}"
 
 
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])

@@ -148,6 +148,8 @@ def _check_config(config) -> None:
   _check_target_config(config, spec)
   if spec.name == imagenet.NAME:
     _check_imagenet_config(config)
+  elif config["source"] == "idx":
+    sources.check_raw_file_reader(spec.name)
 
 
 def _check_imagenet_config(config) -> None:

@@ -141,6 +141,9 @@ _CIFAR_LAYOUT = {
     b"fine_label_names",
   ),
 }
+IDX_DATASETS = ("mnist", "fashion_mnist")
+# The datasets that `source='idx'` reads, with `read_idx_split` or `read_cifar_split`.
+RAW_FILE_DATASETS = (*IDX_DATASETS, *_CIFAR_LAYOUT)
 
 
 def read_cifar_split(

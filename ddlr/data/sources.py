@@ -163,9 +163,20 @@ def _not_prepared_message(name: str, data_dir) -> str:
   )
 
 
+def check_raw_file_reader(name: str) -> None:
+  """Raises DataError unless `source='idx'` has a reader for dataset `name`."""
+  if name not in raw_files.RAW_FILE_DATASETS:
+    raise DataError(
+      f"source='idx' cannot read dataset {name!r} because ddlr/data/raw_files.py has no "
+      f"reader for it. source='idx' reads {', '.join(raw_files.RAW_FILE_DATASETS)}. Use "
+      f"source='tfds', or add a reader for {name}"
+    )
+
+
 def _load_raw_split(
   name: str, split: str, manual_dir: str | None, max_examples: int | None
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  check_raw_file_reader(name)
   if manual_dir is None:
     raise DataError(f"source='idx' needs manual_dir, the directory with the raw {name} files")
   check_directory("manual_dir", manual_dir)
@@ -174,7 +185,7 @@ def _load_raw_split(
       f"manual_dir {manual_dir} contains the Fashion-MNIST files, not mnist; set "
       "config.data.manual_dir to the MNIST files or config.data.name='fashion_mnist'"
     )
-  if name in ("mnist", "fashion_mnist"):
+  if name in raw_files.IDX_DATASETS:
     images, labels = raw_files.read_idx_split(name, split, manual_dir)
     if name == "mnist":
       class_names = list(catalog.MNIST_CLASS_NAMES)
