@@ -302,6 +302,9 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     model, tx, inputs.sample_images(), rng, cache_reference=references.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
+  losses.check_deterministic(
+    model, state.batch_stats, state.params, inputs.sample_images(), model_name=config.model.name
+  )
   settings = _resolve_alignment(settings, model, state, inputs.sample_images(), data.num_classes)
   refresh_fn = None
   if references.caches_reference(settings):

@@ -4,11 +4,13 @@ import json
 import math
 import os
 
+import flax.errors
+import flax.linen as nn
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddlr import train
+from ddlr import models, train
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.data import DataError
 from tests.run_helpers import tiny_config
@@ -169,3 +171,35 @@ def test_layerwise_alignment_on_batch_norm_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"alignment='layerwise' does not apply: .*BatchNorm"):
       train.train_and_evaluate(config, str(tmp_path))
   assert not (tmp_path / "config.json").exists()
+
+
+class _DropoutModel(nn.Module):
+  """A dense classifier with dropout, which needs a PRNG key in training mode."""
+
+  num_classes: int
+  width: int = 4
+  batch_norm: bool = False
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    x = nn.Dense(self.width)(x.reshape((x.shape[0], -1)))
+    x = nn.Dropout(0.5, deterministic=not train)(x)
+    return nn.Dense(self.num_classes)(x)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_dropout_model_rejected(tmp_path, monkeypatch, enabled):
+  monkeypatch.setitem(models.MODELS, "dropout_mlp", _DropoutModel)
+  config = tiny_config(**{"model.name": "dropout_mlp", "ddlr.enabled": enabled})
+  with tfds.testing.mock_data(num_examples=100):
+    with pytest.raises(ValueError) as raised:
+      train.train_and_evaluate(config, str(tmp_path))
+
+  cause = raised.value.__cause__
+  assert isinstance(cause, flax.errors.InvalidRngError)
+  assert 'Dropout_0 needs PRNG for "dropout"' in str(cause)
+  assert str(raised.value) == (
+    f"config.model.name='dropout_mlp' draws random numbers in training mode ({cause}). ddlr "
+    "applies models without a PRNG key, so its models must not draw random numbers in "
+    "training mode. Remove nn.Dropout and other random layers."
+  )
