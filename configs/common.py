@@ -69,6 +69,10 @@ def parse_arguments(arg: str | None, config_file: str, options: dict[str, Option
   return ml_collections.ConfigDict(values)
 
 
+# The expected value of an option of each kind, as error messages name it.
+_KIND_NAMES = {int: "an integer", float: "a float", str: "a string"}
+
+
 def _convert(config_file: str, key: str, option: Option, text: str | None):
   if option.kind is bool:
     if text is None or text.lower() == "true":
@@ -81,8 +85,9 @@ def _convert(config_file: str, key: str, option: Option, text: str | None):
   try:
     value = option.kind(text)
   except ValueError:
+    expected = _KIND_NAMES.get(option.kind, f"a value of type {option.kind.__name__}")
     raise ValueError(
-      f"{config_file}: argument {key}={text!r} is invalid; expected a {option.kind.__name__}."
+      f"{config_file}: argument {key}={text!r} is invalid; expected {expected}."
     ) from None
   if option.choices and value not in option.choices:
     raise ValueError(

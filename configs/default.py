@@ -23,7 +23,9 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the default config; `arg='quick'` shrinks data and steps for a CPU check."""
-  if arg not in (None, "", "quick"):
+  # Spaces around the argument are ignored, as configs.common.parse_arguments does.
+  argument = (arg or "").strip()
+  if argument not in ("", "quick"):
     raise ValueError(f"configs/default.py takes no argument or 'quick', got {arg!r}.")
   config = ml_collections.ConfigDict()
   config.seed = 0
@@ -185,7 +187,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.finetune.epochs = 0
   config.finetune.learning_rate = 0.01
 
-  if arg == "quick":
+  if argument == "quick":
     config.data.num_train = 2048
     config.data.num_test = 512
     config.data.reference_size = 100

@@ -123,6 +123,7 @@ def test_imagenet_learning_rate_scales_with_batch():
     (cifar, "noise=pairflip,rate=high", r"argument rate='high' is invalid; expected a float"),
     (cifar, "model", r"argument 'model' needs a value"),
     (imagenet, "batch=0", r"argument batch=0 is invalid; expected >= 1"),
+    (imagenet, "batch=2.5", r"argument batch='2.5' is invalid; expected an integer\.$"),
     (imagenet, "warmup=-1", r"argument warmup=-1 is invalid; expected >= 0"),
     (fashion_mnist, "model=vgg16_bn", r"argument model='vgg16_bn' is invalid"),
     (default, "small", r"takes no argument or 'quick'"),
@@ -131,6 +132,16 @@ def test_imagenet_learning_rate_scales_with_batch():
 def test_invalid_argument_raises(module, arg, message):
   with pytest.raises(ValueError, match=message):
     module.get_config(arg)
+
+
+@pytest.mark.parametrize("arg", [" quick", "quick ", " quick "])
+def test_default_argument_ignores_spaces(arg):
+  assert default.get_config(arg).to_dict() == default.get_config("quick").to_dict()
+
+
+@pytest.mark.parametrize("arg", [" ", ""])
+def test_default_blank_argument_is_full_size(arg):
+  assert default.get_config(arg).to_dict() == default.get_config().to_dict()
 
 
 @pytest.mark.parametrize("config_file", ["configs/cifar.py:small", "configs/imagenet.py:small"])
