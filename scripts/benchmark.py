@@ -132,7 +132,8 @@ def parse_variant(name: str) -> Variant:
   elif at and reference != "reference":
     # Only the `reference` reference reuses its gradient between refreshes.
     problem = "a refresh interval '@k' applies only to the reference 'reference'"
-  elif at and not (every.isdecimal() and int(every) >= 1):
+  elif at and not (every.isascii() and every.isdecimal() and int(every) >= 1):
+    # isdecimal alone accepts the digits of other scripts, such as '٣', so isascii comes first.
     problem = f"the refresh interval after '@' must be a whole number >= 1, not {every!r}"
   if problem:
     raise ValueError(f"invalid variant {name!r}: {problem}.")

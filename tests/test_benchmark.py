@@ -41,6 +41,7 @@ def test_variant_names_parse():
     ("jvp/reference@x", "must be a whole number >= 1, not 'x'."),
     ("jvp/reference@", "must be a whole number >= 1, not ''."),
     ("jvp/reference@²", "must be a whole number >= 1, not '²'."),
+    ("jvp/reference@٣", "must be a whole number >= 1, not '٣'."),
     ("jvp/split-half@4", "a refresh interval '@k' applies only to the reference 'reference'."),
   ],
 )
