@@ -38,7 +38,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.data_dir = ml_collections.config_dict.placeholder(str)  # tfds default when None
   # Debian's dataset-fashion-mnist package installs the raw files here.
   config.data.manual_dir = "/usr/share/datasets/fashion-mnist"
-  config.data.num_train = 0  # 0 keeps the whole train split
+  # Examples read from the train split, 0 for all of it. The reference split
+  # is held out of these, so num_train - reference_size instances train.
+  config.data.num_train = 0
   config.data.num_test = 0  # 0 keeps the whole test split
   # Trusted clean examples held out of training; the `reference` alignment
   # scores each training example against their gradient.

@@ -58,7 +58,13 @@ def rate_summary(log_lr: np.ndarray, labels: np.ndarray, num_classes: int) -> di
   return summary
 
 
-def plot_rate_histogram(log_lr: np.ndarray, is_noisy: np.ndarray, path: str, title: str) -> None:
+def plot_rate_histogram(
+  log_lr: np.ndarray,
+  is_noisy: np.ndarray,
+  path: str,
+  title: str,
+  xlabel: str = "learned log learning-rate multiplier (log_lr)",
+) -> None:
   """Writes a PNG histogram of the log rates of clean and noisy instances."""
   log_lr = np.asarray(log_lr)
   is_noisy = np.asarray(is_noisy, bool)
@@ -67,7 +73,7 @@ def plot_rate_histogram(log_lr: np.ndarray, is_noisy: np.ndarray, path: str, tit
   ax.hist(log_lr[~is_noisy], bins=bins, alpha=0.6, label=f"clean ({(~is_noisy).sum()})")
   if is_noisy.any():
     ax.hist(log_lr[is_noisy], bins=bins, alpha=0.6, label=f"noisy ({is_noisy.sum()})")
-  ax.set_xlabel("learned log learning-rate multiplier (log_lr)")
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("training instances")
   ax.set_title(title)
   ax.legend()

@@ -81,12 +81,20 @@ def log_progress(step, total_steps, epoch, metrics, rate_stats, speed, learning_
   )  # fmt: skip
 
 
-def table_rate_stats(opt_state) -> dict[str, float]:
-  """Returns quantiles of the instance multipliers (one device-to-host copy)."""
+def table_rate_stats(opt_state, labels) -> dict[str, float]:
+  """Returns quantiles of the multipliers exp(a_i + b_{y_i}) (one device-to-host copy).
+
+  `labels` [N] are the training instances' observed labels, which pick each
+  instance's class rate b_{y_i} when class rates are on, as in summary.json.
+  """
   state = optim.find_ddlr_state(opt_state)
-  if state.log_lr is None:
+  exponent = state.log_lr
+  if state.class_log_lr is not None:
+    class_exponent = state.class_log_lr[jnp.asarray(labels)]
+    exponent = class_exponent if exponent is None else exponent + class_exponent
+  if exponent is None:
     return {}
-  quantiles = jnp.exp(jnp.quantile(state.log_lr, jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])))
+  quantiles = jnp.exp(jnp.quantile(exponent, jnp.array([0.0, 0.1, 0.5, 0.9, 1.0])))
   names = ("rate_min", "rate_q10", "rate_median", "rate_q90", "rate_max")
   return {f"ddlr/{name}": float(value) for name, value in zip(names, quantiles, strict=True)}
 

@@ -57,11 +57,30 @@ def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict
     reporting.save_rates(
       os.path.join(run.workdir, "rates.npz"), log_lr, exponent, class_log_lr, run.data
     )
-    config = run.config
-    title = f"{config.data.name}, {config.data.noise.kind} noise {config.data.noise.rate:g}"
     analysis.plot_rate_histogram(
-      exponent, run.data.is_noisy, os.path.join(run.workdir, "rates_histogram.png"), title
+      exponent,
+      run.data.is_noisy,
+      os.path.join(run.workdir, "rates_histogram.png"),
+      _histogram_title(run.config.data),
+      xlabel=_histogram_label(ddlr_state),
     )
   summary.update(reporting.baseline_report(run.config.baseline.name, state, run.data, run.workdir))
   reporting.write_json(os.path.join(run.workdir, "summary.json"), summary)
   return summary
+
+
+def _histogram_title(data_config) -> str:
+  noise = data_config.noise
+  title = data_config.name
+  title += ", clean labels" if noise.kind == "none" else f", {noise.kind} noise {noise.rate:g}"
+  if data_config.target.kind != "none":
+    title += f", target: {data_config.target.kind}"
+  return title
+
+
+def _histogram_label(ddlr_state) -> str:
+  if ddlr_state.class_log_lr is None:
+    return "learned log learning-rate multiplier a_i (log_lr)"
+  if ddlr_state.log_lr is None:
+    return "learned log class multiplier b_y of each instance's label"
+  return "learned log multiplier a_i + b_y (instance plus class)"

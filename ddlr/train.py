@@ -452,7 +452,9 @@ def _report_steps(run, state, pending, step, epoch, metrics_log, progress, loop)
   if run.config.ddlr.enabled:
     optim.raise_if_invalid_ids(state.opt_state)
   averaged = {key: float(np.mean([m[key] for m in pending])) for key in pending[0]}
-  rate_stats = reporting.table_rate_stats(state.opt_state) if run.config.ddlr.enabled else {}
+  rate_stats = (
+    reporting.table_rate_stats(state.opt_state, run.data.labels) if run.config.ddlr.enabled else {}
+  )
   speed = progress.update(step)
   lr_now = float(run.learning_rate(step - 1))
   metrics_log.write(

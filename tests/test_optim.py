@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from ddlr import alignment as alignment_lib
-from ddlr import optim
+from ddlr import optim, reporting
 
 NUM_INSTANCES = 10
 NUM_FEATURES = 5
@@ -450,3 +450,19 @@ def test_rms_scale_steps_beta_per_visit():
   )
   expected = 0.3 * alignment / np.sqrt(np.mean(np.square(alignment)))
   np.testing.assert_allclose(state.log_lr, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("instance_rates", [True, False])
+def test_logged_rate_quantiles_include_class_rates(instance_rates):
+  tx = optim.ddlr(
+      optax.sgd(0.1), num_instances=5, learning_rate=0.1, hyper_learning_rate=1.0,
+      instance_rates=instance_rates, num_classes=2, init_log_lr=0.5,
+  )  # fmt: skip
+  state = tx.init({"w": jnp.ones(2)})
+  state = state._replace(class_log_lr=jnp.array([-1.0, 1.0]))
+  labels = np.array([0, 0, 1, 1, 1])
+  exponent = np.array([-1.0, -1.0, 1.0, 1.0, 1.0]) + (0.5 if instance_rates else 0.0)
+  stats = reporting.table_rate_stats(state, labels)
+  np.testing.assert_allclose(stats["ddlr/rate_min"], np.exp(exponent.min()), rtol=1e-6)
+  np.testing.assert_allclose(stats["ddlr/rate_median"], np.exp(np.median(exponent)), rtol=1e-6)
+  np.testing.assert_allclose(stats["ddlr/rate_max"], np.exp(exponent.max()), rtol=1e-6)

@@ -6,11 +6,12 @@ import os
 
 import flax.errors
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddlr import models, train
+from ddlr import models, optim, summary, train
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.data import DataError
 from tests.run_helpers import tiny_config
@@ -203,3 +204,18 @@ def test_dropout_model_rejected(tmp_path, monkeypatch, enabled):
     "applies models without a PRNG key, so its models must not draw random numbers in "
     "training mode. Remove nn.Dropout and other random layers."
   )
+
+
+def test_histogram_title_and_axis_label():
+  config = tiny_config(**{"data.noise.kind": "none", "data.noise.rate": 0.0})
+  assert summary._histogram_title(config.data) == f"{config.data.name}, clean labels"
+  config = tiny_config(**{"data.noise.kind": "symmetric", "data.noise.rate": 0.4})
+  config.data.target.kind = "classes"
+  expected = f"{config.data.name}, symmetric noise 0.4, target: classes"
+  assert summary._histogram_title(config.data) == expected
+
+  table = jnp.zeros(3)
+  both = optim.DdlrState(jnp.zeros([]), table, None, table, None, jnp.zeros([]), ())
+  assert summary._histogram_label(both) == "learned log multiplier a_i + b_y (instance plus class)"
+  assert "a_i (log_lr)" in summary._histogram_label(both._replace(class_log_lr=None))
+  assert "class multiplier b_y" in summary._histogram_label(both._replace(log_lr=None))
