@@ -34,12 +34,51 @@ def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
 
 
 def precision_of_lowest(scores: np.ndarray, is_noisy: np.ndarray, fraction: float) -> float:
-  """Returns the fraction of noisy instances among the `fraction` lowest-scoring ones."""
+  """Returns the share of noisy instances among the `fraction` lowest-scoring ones.
+
+  The lowest `count = max(1, round(fraction * n))` scores are taken. When
+  several instances tie at the cut value c, only some of them fit, and which
+  ones would otherwise depend on the order of the instances. Instead, every
+  instance scoring below c counts fully, and the `count - #(scores < c)`
+  remaining slots count with the noisy share of all instances scoring exactly
+  c. The result is the mean over uniformly random orders of the tied
+  instances. Learning to reweight, for example, clips its weights at 0, so
+  thousands of its scores tie at 0.
+
+  Args:
+    scores: per-instance scores [n], lower for instances more likely noisy.
+    is_noisy: per-instance corruption mask [n].
+    fraction: share of the instances to take, in (0, 1].
+
+  Returns:
+    The expected noisy share of the `count` lowest, in [0, 1].
+
+  Raises:
+    ValueError: if `fraction` is outside (0, 1], the arrays differ in shape,
+      `scores` is empty or contains NaN.
+  """
+  scores = np.asarray(scores, np.float64)
+  is_noisy = np.asarray(is_noisy, bool)
   if not 0.0 < fraction <= 1.0:
     raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-  count = max(1, int(round(fraction * len(scores))))
-  lowest = np.argsort(scores, kind="stable")[:count]
-  return float(np.mean(np.asarray(is_noisy)[lowest]))
+  if scores.shape != is_noisy.shape or scores.ndim != 1:
+    raise ValueError(
+      f"scores {scores.shape} and is_noisy {is_noisy.shape} must be 1-D of the same shape."
+    )
+  if scores.size == 0:
+    raise ValueError("scores is empty, so there are no lowest instances to score.")
+  if np.isnan(scores).any():
+    raise ValueError(
+      f"scores contains {int(np.isnan(scores).sum())} NaN values, which cannot be ranked. "
+      "Pass scores without NaN."
+    )
+  count = max(1, int(round(fraction * scores.size)))
+  cut = np.partition(scores, count - 1)[count - 1]
+  below = scores < cut
+  tied = scores == cut
+  remaining_slots = count - int(below.sum())
+  noisy_count = is_noisy[below].sum() + remaining_slots * is_noisy[tied].mean()
+  return float(noisy_count / count)
 
 
 def rate_summary(log_lr: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
