@@ -34,6 +34,8 @@ DEFAULT_COLUMNS = (
 )
 # Cell text of a row with a run that has not reached its last step.
 INCOMPLETE = "incomplete"
+# Written under a table of several seeds, because `format_cell` uses np.std's default ddof=0.
+STD_NOTE = "Values after ± are population standard deviations (ddof=0) over seeds."
 # Exit status of a sweep that wrote its tables with incomplete rows, distinct from the 1 of errors.
 INCOMPLETE_EXIT_STATUS = 3
 
@@ -257,6 +259,9 @@ def results_table(
     relative_time_to: a row name; adds a column with each row's median
       seconds per step divided by that row's, over the same seeds.
 
+  Returns:
+    The seeds line, the table and, with more than one seed, `STD_NOTE` under it.
+
   Raises:
     KeyError: `relative_time_to` is not a row of `summaries`.
   """
@@ -288,6 +293,8 @@ def results_table(
       ratio = time / reference_time if time and reference_time else None
       cells.append("n/a" if ratio is None else f"{ratio:.2f}x")
     lines.append(f"| {name} | " + " | ".join(cells) + " |")
+  if len(seeds) > 1:
+    lines += ["", STD_NOTE]
   return "\n".join(lines) + "\n"
 
 

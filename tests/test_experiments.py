@@ -205,12 +205,16 @@ def test_results_table_gives_mean_and_std():
   assert table[5] == (
     "| ddlr | 0.8800 ± 0.0000 | 0.8850 ± 0.0050 | 0.9750 ± 0.0050 | 0.1000 ± 0.0000 | 2.00x |"
   )
+  # 0.8850 ± 0.0050 above is np.std with ddof=0: the sample std (ddof=1) would be 0.0071.
+  assert table[6:] == ["", sweep.STD_NOTE]
+  assert "population standard deviation" in sweep.STD_NOTE
 
 
 def test_results_table_heads_each_group():
   runs = {name: [{"auroc": 0.5}] for name in ("ddlr", "reweight", "uniform")}
   groups = {"ddlr": "trusted", "reweight": "trusted", "uniform": "untrusted"}
   table = sweep.results_table(runs, [0], [("auroc", "AUROC")], groups=groups).splitlines()
+  # One seed: the cells have no ±, so no note follows the table.
   assert table[4:] == [
     "| **trusted** | |",
     "| ddlr | 0.5000 |",
@@ -233,6 +237,8 @@ def test_results_table_marks_incomplete_rows():
   assert table.splitlines()[4:] == [
     "| uniform | incomplete | incomplete |",
     "| ddlr | 0.8000 ± 0.1000 | incomplete |",
+    "",
+    sweep.STD_NOTE,
   ]
 
 

@@ -113,8 +113,9 @@ def test_setting_table_groups_methods_and_times_them():
   )
   assert lines[9] == f"| **{noisy_comparison.UNTRUSTED_GROUP}** |" + " |" * 5
   assert lines[10] == "| uniform | 0.5000 ± 0.0000 | 0.6000 ± 0.0000 | n/a | n/a | 1.00x |"
-  assert lines[-1].startswith("| ddlr_split |")
-  assert lines[-1].endswith("| 2.33x |")
+  assert lines[-3].startswith("| ddlr_split |")
+  assert lines[-3].endswith("| 2.33x |")
+  assert lines[-2:] == ["", sweep.STD_NOTE]
 
 
 def test_table_is_written_per_setting(tmp_path):
