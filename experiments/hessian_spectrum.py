@@ -142,8 +142,8 @@ def load_record(path: str, settings: SpectrumSettings, header: dict) -> dict:
   for key, value in expected.items():
     if record.get(key) != value:
       raise ConfigError(
-        f"{path} was written with a different {key} ({record.get(key)!r}, now {value!r}); "
-        "use a new --workdir, or the flags and config of that run."
+        f"{path} was written with a different value of {key!r} ({record.get(key)!r}, now "
+        f"{value!r}); use a new --workdir, or the flags and config of that run."
       )
   return record
 

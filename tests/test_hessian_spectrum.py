@@ -207,7 +207,7 @@ def test_spectrum_record_with_other_settings_raises(tmp_path):
   (tmp_path / "hessian_spectrum.json").write_text(
     json.dumps({"settings": {**SETTINGS.__dict__, "top_k": 5}, "points": []})
   )
-  with pytest.raises(ConfigError, match="was written with a different settings"):
+  with pytest.raises(ConfigError, match="was written with a different value of 'settings' "):
     hessian_spectrum.load_record(str(tmp_path / "hessian_spectrum.json"), SETTINGS, {})
 
 
