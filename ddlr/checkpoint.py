@@ -468,7 +468,8 @@ def set_aside_final_outputs(
   extension, e.g. summary_step60.json, where N is the step the outputs
   describe: the epochs in summary.json times `steps_per_epoch`. It can be
   later than `step`, the step the run resumes at, when the last checkpoints
-  were deleted.
+  were deleted. config.json is copied to config_step<N>.json, because the
+  caller then rewrites it with the new `train.num_epochs`.
 
   Raises:
     ResumeError: if a file of that name is already there, so that no earlier
@@ -486,7 +487,7 @@ def set_aside_final_outputs(
       "unknown and it cannot be set aside; move it out of the workdir to resume."
     ) from error
   moves = []
-  for name in FINAL_OUTPUTS:
+  for name in ("config.json", *FINAL_OUTPUTS):
     path = os.path.join(workdir, name)
     if os.path.exists(path):
       stem, extension = os.path.splitext(name)
@@ -498,8 +499,12 @@ def set_aside_final_outputs(
         )
       moves.append((name, path, aside_path))
   for name, path, aside_path in moves:
-    os.replace(path, aside_path)
+    # config.json is copied, so that a run killed before the caller rewrites it can still resume.
+    if name == "config.json":
+      shutil.copyfile(path, aside_path)
+    else:
+      os.replace(path, aside_path)
     logging.info(
-      "Resuming at step %d to train to step %d, so %s (step %d) moved to %s.",
+      "Resuming at step %d to train to step %d, so %s (step %d) is kept as %s.",
       step, total_steps, name, final_step, aside_path,
     )  # fmt: skip

@@ -279,6 +279,7 @@ def test_rejected_shorter_run_stays_rejected(tmp_path):
 def test_extended_run_sets_outputs_aside(tmp_path):
   first = run_on_mock(tiny_config(), tmp_path)  # 1 epoch of 2 steps
   first_rates = (tmp_path / "rates.npz").read_bytes()
+  first_config = (tmp_path / "config.json").read_bytes()
   stopped = run_on_mock(
     tiny_config(**{"train.num_epochs": 2, "train.stop_after_steps": 3}), tmp_path
   )
@@ -289,6 +290,10 @@ def test_extended_run_sets_outputs_aside(tmp_path):
     assert json.load(f) == first
   assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
   assert (tmp_path / "rates_histogram_step2.png").exists()
+  # The set-aside outputs keep the config they were trained with.
+  assert (tmp_path / "config_step2.json").read_bytes() == first_config
+  assert json.loads(first_config)["train"]["num_epochs"] == 1
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["num_epochs"] == 2
 
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     extended = sweep.run_or_load(tiny_config(**{"train.num_epochs": 2}), str(tmp_path))
@@ -378,16 +383,20 @@ def test_set_aside_outputs_name_their_step(tmp_path):
   assert again["test_accuracy_per_epoch"] == first["test_accuracy_per_epoch"]
 
 
-def test_set_aside_never_overwrites(tmp_path):
+@pytest.mark.parametrize("taken", ["summary_step4.json", "config_step4.json"])
+def test_set_aside_never_overwrites(tmp_path, taken):
   config = tiny_config(**{"train.num_epochs": 2})
   run_on_mock(config, tmp_path)
   shutil.rmtree(tmp_path / "checkpoints" / "4")
-  (tmp_path / "summary_step4.json").write_text("{}")
+  (tmp_path / taken).write_text("{}")
 
-  with pytest.raises(checkpoint.ResumeError, match=r"summary_step4.json, which already exists"):
+  with pytest.raises(checkpoint.ResumeError, match=rf"{taken}, which already exists"):
     run_on_mock(config, tmp_path)
-  assert (tmp_path / "summary_step4.json").read_text() == "{}"
+  assert (tmp_path / taken).read_text() == "{}"
   assert (tmp_path / "summary.json").exists()
+  assert (tmp_path / "config.json").exists()
+  other = {"summary_step4.json", "config_step4.json"} - {taken}
+  assert not (tmp_path / other.pop()).exists()  # nothing is set aside when one name is taken
 
 
 def test_finished_run_keeps_its_config_file(tmp_path):
