@@ -304,12 +304,38 @@ def _median_time(runs: list[dict]) -> float | None:
 
 
 def write_table(workdir: str, table: str, name: str = "results.md") -> str:
-  """Writes `table` to `workdir/name` and returns the path."""
+  """Writes `table` to `workdir/name` and returns the path.
+
+  A rerun with other seeds, rows or settings tabulates other runs, so an
+  existing file with different content is first renamed to the first free
+  `<stem>.<k><extension>` (results.1.md, results.2.md, ...), with a warning.
+  A file with the same content is left untouched.
+  """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, name)
-  with open(path, "w") as f:
-    f.write(table)
+  content = table.encode("utf-8")
+  if os.path.exists(path):
+    with open(path, "rb") as f:
+      if f.read() == content:
+        return path
+    earlier_path = _first_free_numbered_path(path)
+    os.replace(path, earlier_path)
+    logging.warning(
+      "%s had a different table, which was moved to %s before writing the new one.",
+      path, earlier_path,
+    )  # fmt: skip
+  with open(path, "wb") as f:
+    f.write(content)
   return path
+
+
+def _first_free_numbered_path(path: str) -> str:
+  """Returns `<stem>.<k><extension>` of `path` for the smallest k >= 1 that does not exist."""
+  stem, extension = os.path.splitext(path)
+  k = 1
+  while os.path.exists(f"{stem}.{k}{extension}"):
+    k += 1
+  return f"{stem}.{k}{extension}"
 
 
 def write_and_print(

@@ -277,7 +277,45 @@ def test_incomplete_sweep_writes_partial_table(tmp_path, capsys):
   written = (tmp_path / "results.md").read_text()
   assert written.startswith("Seeds: 0.")
   assert "incomplete" not in written
+  assert (tmp_path / "results.1.md").read_text().startswith("Incomplete: 1 of 2 runs")
   sweep.exit_if_incomplete([], 2)
+
+
+@pytest.mark.parametrize("name", ["results.md", "results_symmetric.md"])
+def test_write_table_sets_other_table_aside(tmp_path, caplog, name):
+  stem = name.removesuffix(".md")
+  old_table = "Seeds: 0, 1.\n\n| method | AUROC |\n|---|---|\n| ddlr | 0.8000 ± 0.1000 |\n"
+  (tmp_path / name).write_bytes(old_table.encode("utf-8"))
+  (tmp_path / f"{stem}.1.md").write_text("an earlier table\n")
+  new_table = "Seeds: 0.\n\n| method | AUROC |\n|---|---|\n| ddlr | 0.7000 |\n"
+
+  path = sweep.write_table(str(tmp_path), new_table, name)
+
+  assert path == str(tmp_path / name)
+  assert (tmp_path / name).read_text() == new_table
+  assert (tmp_path / f"{stem}.2.md").read_bytes() == old_table.encode("utf-8")
+  assert (tmp_path / f"{stem}.1.md").read_text() == "an earlier table\n"
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+    [name, f"{stem}.1.md", f"{stem}.2.md"]
+  )
+  [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert warning == (
+    f"{tmp_path / name} had a different table, which was moved to {tmp_path / f'{stem}.2.md'} "
+    "before writing the new one."
+  )
+
+
+def test_write_table_keeps_equal_table(tmp_path, caplog):
+  table = "Seeds: 0.\n\n| method | AUROC |\n|---|---|\n| ddlr | 0.7000 ± 0.0000 |\n"
+  sweep.write_table(str(tmp_path), table)
+  modified = (tmp_path / "results.md").stat().st_mtime_ns
+
+  sweep.write_table(str(tmp_path), table)
+
+  assert [p.name for p in tmp_path.iterdir()] == ["results.md"]
+  assert (tmp_path / "results.md").read_text() == table
+  assert (tmp_path / "results.md").stat().st_mtime_ns == modified
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
 def test_parse_seeds_names_bad_value():
