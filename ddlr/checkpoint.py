@@ -74,6 +74,8 @@ class LoopRecord:
   # epoch; empty without a target distribution.
   target_test_accuracy: list[float] = dataclasses.field(default_factory=list)
   rest_test_accuracy: list[float] = dataclasses.field(default_factory=list)
+  # One entry per epoch with a timed step, so it can be shorter than the epoch
+  # lists (see reporting.EpochTimer).
   seconds_per_step: list[float] = dataclasses.field(default_factory=list)
   # Mean training loss of each finished epoch, and the running sum and count
   # of the current epoch's per-step losses. Each step's loss is added in step

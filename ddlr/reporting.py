@@ -3,7 +3,9 @@
 import json
 import os
 import time
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -53,6 +55,44 @@ class Progress:
       "examples_per_second": steps_per_second * self._batch_size,
       "eta_seconds": (self._total_steps - step) / max(steps_per_second, 1e-9),
     }
+
+
+class EpochTimer:
+  """Measures the mean seconds per training step of each epoch.
+
+  The first step after every start of the process, fresh or resumed, is not
+  timed: it includes the compilation of the jitted step, which can take longer
+  than many steps together. Timing it would inflate the epoch where a run resumes.
+  """
+
+  def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    self._clock = clock
+    self._compiled = False
+    self._start_time = None
+    self._start_step = 0
+
+  def start_epoch(self, step: int) -> None:
+    """Starts timing an epoch that begins after `step` steps."""
+    if self._compiled:
+      self._start_time, self._start_step = self._clock(), step
+
+  def step_done(self, state, step: int) -> None:
+    """Starts the clock after the first step of the process, once `state` is computed."""
+    if not self._compiled:
+      jax.block_until_ready(state)
+      self._compiled = True
+      self._start_time, self._start_step = self._clock(), step
+
+  def end_epoch(self, state, step: int) -> float | None:
+    """Returns the epoch's seconds per timed step, or None when no step of it was timed.
+
+    That is the case when the first step of the process was the epoch's last one.
+    """
+    jax.block_until_ready(state)
+    timed_steps = step - self._start_step
+    if self._start_time is None or timed_steps == 0:
+      return None
+    return (self._clock() - self._start_time) / timed_steps
 
 
 def format_duration(seconds: float) -> str:

@@ -24,7 +24,8 @@ def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict
     "last_epoch_test_loss": loop.test_loss[-1],
     "final_train_loss": loop.train_loss[-1],
     "train_loss_per_epoch": loop.train_loss,
-    # The first epoch includes compilation, so the median is the steady rate.
+    # The median resists an epoch with a one-off cost. None when no step was
+    # timed (see reporting.EpochTimer).
     "seconds_per_step": seconds_per_step,
     "examples_per_second": run.config.train.batch_size / seconds_per_step
     if seconds_per_step

@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import time
 from typing import Any
 
 import jax
@@ -403,10 +402,10 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
     return state, False
   metrics_log = reporting.MetricsLog(run.workdir)
   progress = reporting.Progress(run.total_steps, config.train.batch_size, first_step=start_step)
-  pending = []
+  pending, timer = [], reporting.EpochTimer()
   try:
     for epoch in range(first_epoch, config.train.num_epochs + 1):
-      epoch_start, epoch_first_step = time.perf_counter(), int(state.step)
+      timer.start_epoch(int(state.step))
       first_index = int(state.step) - (epoch - 1) * run.steps_per_epoch
       inputs = run.inputs.train_inputs(epoch, first_index)
       for index, step_inputs in zip(range(first_index, run.steps_per_epoch), inputs, strict=True):
@@ -428,10 +427,10 @@ def _train(run: _Run, state, loop: checkpoint.LoopRecord, manager) -> tuple[Any,
         if stop_now and not epoch_end:
           logging.info("Stopping after step %d as config.train.stop_after_steps asks.", step)
           return state, False
-      jax.block_until_ready(state)
-      loop.seconds_per_step.append(
-        (time.perf_counter() - epoch_start) / max(int(state.step) - epoch_first_step, 1)
-      )
+        timer.step_done(state, step)
+      seconds_per_step = timer.end_epoch(state, int(state.step))
+      if seconds_per_step is not None:
+        loop.seconds_per_step.append(seconds_per_step)
       _evaluate_epoch(run, state, loop, epoch, metrics_log)
       checkpoint.save(manager, state, loop)
       if int(state.step) == stop_after and int(state.step) < run.total_steps:

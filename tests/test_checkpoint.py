@@ -1,6 +1,7 @@
 """Checkpoints: bit-identical resumption, a kill during a write, and rejected resumes."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -300,6 +301,59 @@ def test_extended_run_sets_outputs_aside(tmp_path):
   assert len(extended["test_accuracy_per_epoch"]) == 2
   assert (tmp_path / "rates.npz").exists()
   assert (tmp_path / "rates_step2.npz").read_bytes() == first_rates
+
+
+def _script_step_times(monkeypatch):
+  """Makes every train step take 1 s on the clock of the loop, and the first of a process 100 s.
+
+  The first call of the jitted step in a process includes its compilation.
+  """
+  now = [0.0]
+  build = train._build
+
+  def build_with_scripted_steps(config, workdir, data):
+    run, state = build(config, workdir, data)
+    train_fn, calls = run.train_fn, []
+
+    def scripted_train_fn(*args):
+      now[0] += 1.0 if calls else 100.0
+      calls.append(1)
+      return train_fn(*args)
+
+    return dataclasses.replace(run, train_fn=scripted_train_fn), state
+
+  monkeypatch.setattr(train, "_build", build_with_scripted_steps)
+  timer = functools.partial(reporting.EpochTimer, clock=lambda: now[0])
+  monkeypatch.setattr(reporting, "EpochTimer", timer)
+
+
+def _recorded_seconds_per_step(workdir):
+  steps = [int(path.name) for path in (workdir / "checkpoints").iterdir()]
+  metadata = workdir / "checkpoints" / str(max(steps)) / "loop" / "metadata"
+  return json.loads(metadata.read_text())["seconds_per_step"]
+
+
+@pytest.mark.parametrize(
+  ("overrides", "stop_after", "per_epoch"),
+  [
+    ({"train.num_epochs": 2}, None, [1.0, 1.0]),  # 2 steps per epoch
+    # 5 steps per epoch, resumed at step 2 of 5: step 3 is not timed, steps 4 and 5 are.
+    ({"train.batch_size": 16}, 2, [1.0]),
+    # Resumed at step 3 of 4, so epoch 2 has no timed step and no entry.
+    ({"train.num_epochs": 2}, 3, [1.0]),
+  ],
+)
+def test_step_time_leaves_out_compilation(tmp_path, monkeypatch, overrides, stop_after, per_epoch):
+  _script_step_times(monkeypatch)
+  if stop_after is not None:
+    stopping = tiny_config(**overrides, **{"train.stop_after_steps": stop_after})
+    assert run_on_mock(stopping, tmp_path)["step"] == stop_after
+
+  summary = run_on_mock(tiny_config(**overrides), tmp_path)
+
+  assert _recorded_seconds_per_step(tmp_path) == per_epoch
+  assert summary["seconds_per_step"] == 1.0
+  assert summary["examples_per_second"] == tiny_config(**overrides).train.batch_size
 
 
 @pytest.mark.parametrize("set_aside", [False, True])
