@@ -27,7 +27,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from ddlr import baselines, optim, steps
+from ddlr import baselines, interrupts, optim, steps
 
 CHECKPOINT_DIR = "checkpoints"
 # Config fields whose change keeps a run resumable; any other difference
@@ -136,7 +136,8 @@ def _to_saveable(state: steps.TrainState) -> dict:
 def save(manager: ocp.CheckpointManager, state: steps.TrainState, loop: LoopRecord) -> int:
   """Writes a checkpoint at the state's step and returns that step.
 
-  A Ctrl-C (SIGINT) during the write takes effect when the write has finished.
+  A Ctrl-C (SIGINT), or a SIGTERM inside `interrupts.sigterm_as_interrupt`,
+  during the write takes effect when the write has finished.
   """
   step = int(state.step)
   with _deferred_interrupt():
@@ -155,29 +156,28 @@ def save(manager: ocp.CheckpointManager, state: steps.TrainState, loop: LoopReco
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-  """Holds back SIGINT inside the block and raises KeyboardInterrupt after it.
+  """Holds back SIGINT and SIGTERM inside the block and raises KeyboardInterrupt after it.
 
   An interrupted write leaves an unfinished checkpoint directory, and Orbax's
   writer threads log errors when the interpreter exits under them. Only the
-  main thread can set signal handlers, so elsewhere, and where SIGINT does not
-  raise KeyboardInterrupt (ignored, or handled by the caller), the block runs
-  unchanged.
+  main thread can set signal handlers, so elsewhere the block runs unchanged.
+  A signal whose handler does not raise KeyboardInterrupt (ignored, handled by
+  the caller, or SIGTERM outside `interrupts.sigterm_as_interrupt`) is left as it is.
   """
-  if (
-    threading.current_thread() is not threading.main_thread()
-    or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-  ):
+  held = [s for s in (signal.SIGINT, signal.SIGTERM) if interrupts.raises_interrupt(s)]
+  if threading.current_thread() is not threading.main_thread() or not held:
     yield
     return
   received = []
-  previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
   try:
     yield
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
   if received:
     logging.info("Interrupted while writing a checkpoint; stopping now that it is written.")
-    raise KeyboardInterrupt
+    raise interrupts.interrupt_for(received[0])
 
 
 def restore_latest(

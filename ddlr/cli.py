@@ -13,7 +13,7 @@ from typing import NoReturn
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlr import checkpoint, train
+from ddlr import checkpoint, interrupts, train
 from ddlr.config_checks import ConfigError
 from ddlr.data import DataError
 
@@ -148,23 +148,25 @@ def run(main: Callable[[list[str]], None]) -> None:
 
   The flags are parsed by `parse_flags`. Any exception in `RUN_ERRORS` that
   `main` raises ends the program with exit status 1; other exceptions keep
-  their traceback, since they are bugs rather than bad input. Ctrl-C ends it
-  with `INTERRUPTED_STATUS` and one line saying that a rerun resumes. The
+  their traceback, since they are bugs rather than bad input. Ctrl-C (SIGINT)
+  and SIGTERM end it with one line saying that a rerun resumes, and exit status
+  130 or 143 (`interrupts.exit_status`). The
   INFO logs of Orbax and tfds are hidden (`hide_library_info_logs`).
   """
 
   def main_with_error_line(argv: list[str]) -> None:
     hide_library_info_logs()
     try:
-      main(argv)
+      with interrupts.sigterm_as_interrupt():
+        main(argv)
     except RUN_ERRORS as error:
       exit_with_error(error)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
       print(
         "interrupted; rerunning the same command reuses the finished runs and resumes the "
         "others from their latest checkpoints.",
         file=sys.stderr,
       )
-      sys.exit(INTERRUPTED_STATUS)
+      sys.exit(interrupts.exit_status(interrupt))
 
   app.run(main_with_error_line, flags_parser=parse_flags)

@@ -5,7 +5,8 @@ r"""Command-line entry point: trains and evaluates one experiment config.
 
 Any config field can be overridden with `--config.<field>=<value>`. Errors in
 the config, the data or the run's numerics end the program with one line on
-standard error and exit status 1.
+standard error and exit status 1. Ctrl-C (SIGINT) and SIGTERM end it with the
+step a rerun resumes from, and exit status 130 or 143.
 """
 
 import os
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ddlr import cli, reporting, train
+from ddlr import cli, interrupts, reporting, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (ml_collections).")
@@ -44,12 +45,13 @@ def main(argv: list[str]) -> None:
     print("error: --workdir is empty; give the directory for the run's outputs.", file=sys.stderr)
     sys.exit(1)
   try:
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    with interrupts.sigterm_as_interrupt():
+      summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except cli.RUN_ERRORS as error:
     cli.exit_with_error(error)
-  except KeyboardInterrupt:
+  except KeyboardInterrupt as interrupt:
     print(f"interrupted; {_resume_hint(FLAGS.workdir)}", file=sys.stderr)
-    sys.exit(cli.INTERRUPTED_STATUS)
+    sys.exit(interrupts.exit_status(interrupt))
   if not summary["completed"]:
     print(
       f"stopped after step {summary['step']} of {summary['total_steps']} as "

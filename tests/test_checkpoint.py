@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddlr import checkpoint, reporting, train
+from ddlr import checkpoint, interrupts, reporting, train
 from ddlr import data as data_lib
 from experiments import sweep
 from tests.run_helpers import MOCK_EXAMPLES, latest_state, run_on_mock, tiny_config
@@ -546,3 +546,31 @@ def test_ignored_interrupt_stays_ignored():
       time.sleep(0.2)
   finally:
     signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_raises_interrupt_inside_block():
+  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  try:
+    with pytest.raises(interrupts.Terminated):
+      with interrupts.sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert interrupts.exit_status(interrupts.Terminated()) == 143
+    assert interrupts.exit_status(KeyboardInterrupt()) == 130
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_write_deferred():
+  previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  finished = False
+  try:
+    with pytest.raises(interrupts.Terminated):
+      with interrupts.sigterm_as_interrupt(), checkpoint._deferred_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here, and must not raise
+        finished = True
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert finished

@@ -118,6 +118,49 @@ def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
   assert all(p.name.isdecimal() for p in checkpoints.iterdir())
 
 
+SIGTERM_ON_MOCK = """
+import sys
+import tensorflow_datasets as tfds
+from absl import app
+from ddlr import cli, main
+with tfds.testing.mock_data(num_examples=100):
+  app.run(main.main, argv=["ddlr.main", *sys.argv[1:]], flags_parser=cli.parse_flags)
+"""
+
+
+def test_sigterm_keeps_checkpoint_and_says_resume(tmp_path):
+  checkpoints = tmp_path / "run" / "checkpoints"
+  arguments = [
+      "--config=configs/default.py:quick", f"--workdir={tmp_path / 'run'}",
+      "--config.data.num_train=0", "--config.data.num_test=0", "--config.data.reference_size=10",
+      "--config.ddlr.reference_batch_size=8", "--config.model.width=4",
+      "--config.train.batch_size=16", "--config.eval.batch_size=50",
+      "--config.train.num_epochs=1000", "--config.checkpoint.every_steps=1",
+  ]  # fmt: skip
+  process = subprocess.Popen(
+    [sys.executable, "-c", SIGTERM_ON_MOCK, *arguments],
+    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  deadline = time.monotonic() + 240
+  while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
+    assert process.poll() is None, process.stderr.read()
+    assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.2)
+
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+
+  assert process.returncode == 143
+  assert "Traceback" not in stderr
+  last_line = stderr.strip().splitlines()[-1]
+  steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdecimal()]
+  assert last_line == (
+    f"interrupted; rerunning the command resumes from the checkpoint at step {max(steps)} "
+    f"in {checkpoints}."
+  )
+  assert all(p.name.isdecimal() for p in checkpoints.iterdir())
+
+
 def _finished_summary():
   return {
     "last_epoch_test_accuracy": 0.8,
