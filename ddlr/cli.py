@@ -30,8 +30,6 @@ RUN_ERRORS = (
 )
 
 
-# The status a shell reports for a program ended by SIGINT (128 + 2).
-INTERRUPTED_STATUS = 130
 # Libraries that log every file operation at INFO.
 _CHATTY_LIBRARIES = ("orbax", "tensorflow_datasets")
 
