@@ -148,12 +148,16 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
     validate_config(row.config)
   _check_reference_batches(rows, seeds, workdir)
   summaries = {}
+  num_runs, run_number = len(rows) * len(seeds), 0
   for row in rows:
     summaries[row.name] = []
     for seed in seeds:
       config = seed_config(row, seed)
       run_dir = run_directory(workdir, row.name, seed)
-      logging.info("Sweep run %s, seed %d, in %s.", row.name, seed, run_dir)
+      run_number += 1
+      logging.info(
+        "Sweep run %d of %d: %s, seed %d, in %s.", run_number, num_runs, row.name, seed, run_dir
+      )
       summaries[row.name].append(run_or_load(config, run_dir))
   return summaries
 

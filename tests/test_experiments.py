@@ -429,3 +429,20 @@ def test_sweep_reuses_run_without_added_field(tmp_path):
   config.ddlr.split_batch_stats = "half"
   with pytest.raises(checkpoint.ResumeError, match=r"split_batch_stats: 'batch' -> 'half'"):
     sweep.run_or_load(config, str(tmp_path))
+
+
+def test_run_rows_logs_run_number(tmp_path, monkeypatch, caplog):
+  trained = []
+  monkeypatch.setattr(sweep, "run_or_load", lambda config, run_dir: trained.append(run_dir) or {})
+  rows = [
+    sweep.Row("uniform", tiny_config(**{"ddlr.enabled": False})),
+    sweep.Row("ddlr", tiny_config()),
+  ]
+  with caplog.at_level("INFO"):
+    sweep.run_rows(rows, [0, 1], str(tmp_path))
+  assert len(trained) == 4
+  messages = [
+    record.getMessage() for record in caplog.records if "Sweep run" in record.getMessage()
+  ]
+  assert messages[0] == f"Sweep run 1 of 4: uniform, seed 0, in {tmp_path / 'uniform_seed0'}."
+  assert messages[-1] == f"Sweep run 4 of 4: ddlr, seed 1, in {tmp_path / 'ddlr_seed1'}."
