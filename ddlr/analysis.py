@@ -7,6 +7,7 @@ matplotlib.use("Agg")  # Runs write PNG files; no display is needed or assumed.
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.stats  # noqa: E402
+from absl import logging  # noqa: E402
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -51,11 +52,12 @@ def precision_of_lowest(scores: np.ndarray, is_noisy: np.ndarray, fraction: floa
     fraction: share of the instances to take, in (0, 1].
 
   Returns:
-    The expected noisy share of the `count` lowest, in [0, 1].
+    The expected noisy share of the `count` lowest, in [0, 1], or NaN (with a
+    warning) if any score is NaN.
 
   Raises:
-    ValueError: if `fraction` is outside (0, 1], the arrays differ in shape,
-      `scores` is empty or contains NaN.
+    ValueError: if `fraction` is outside (0, 1], the arrays differ in shape or
+      `scores` is empty.
   """
   scores = np.asarray(scores, np.float64)
   is_noisy = np.asarray(is_noisy, bool)
@@ -68,10 +70,12 @@ def precision_of_lowest(scores: np.ndarray, is_noisy: np.ndarray, fraction: floa
   if scores.size == 0:
     raise ValueError("scores is empty, so there are no lowest instances to score.")
   if np.isnan(scores).any():
-    raise ValueError(
-      f"scores contains {int(np.isnan(scores).sum())} NaN values, which cannot be ranked. "
-      "Pass scores without NaN."
+    # NaN scores cannot be ranked. A NaN figure keeps the run's other outputs,
+    # where raising would fail every rerun of a finished run at its summary.
+    logging.warning(
+      "%d of %d scores are NaN, so their noisy share is NaN.", np.isnan(scores).sum(), scores.size
     )
+    return float("nan")
   count = max(1, int(round(fraction * scores.size)))
   cut = np.partition(scores, count - 1)[count - 1]
   below = scores < cut

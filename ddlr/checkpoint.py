@@ -494,6 +494,9 @@ def set_aside_final_outputs(
     if os.path.exists(path):
       stem, extension = os.path.splitext(name)
       aside_path = os.path.join(workdir, f"{stem}_step{final_step}{extension}")
+      if name == "config.json" and _same_bytes(path, aside_path):
+        # Copied by an earlier attempt that was stopped before the other files moved.
+        continue
       if os.path.exists(aside_path):
         raise ResumeError(
           f"{path} would be set aside as {aside_path}, which already exists; move one of "
@@ -510,3 +513,11 @@ def set_aside_final_outputs(
       "Resuming at step %d to train to step %d, so %s (step %d) is kept as %s.",
       step, total_steps, name, final_step, aside_path,
     )  # fmt: skip
+
+
+def _same_bytes(path: str, other_path: str) -> bool:
+  """Returns whether `other_path` exists and has the same bytes as `path`."""
+  if not os.path.exists(other_path):
+    return False
+  with open(path, "rb") as f, open(other_path, "rb") as other:
+    return f.read() == other.read()

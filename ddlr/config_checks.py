@@ -2,9 +2,12 @@
 
 import math
 
+import flax.errors
+import jax
+import jax.numpy as jnp
 import ml_collections
 
-from ddlr import alignment, baselines, optim, references, steps
+from ddlr import alignment, baselines, losses, optim, references, steps
 from ddlr.data import augment, imagenet
 from ddlr.data import check_config as check_data_config
 from ddlr.models import MODELS, create_model
@@ -360,3 +363,29 @@ def check_reference_batches(config, num_reference: int, num_train: int) -> None:
       f"config.{field}={batch_size} is larger than the {source} ({available} examples), from "
       f"which {user} draws each reference batch without replacement; {fix}."
     )
+
+
+def check_model_deterministic(model, batch_stats, params, images, *, model_name: str) -> None:
+  """Raises ConfigError if `model` draws random numbers in training mode.
+
+  `losses.make_loss_fn` applies the model without a PRNG key, so a layer such as
+  `nn.Dropout` would fail inside the first jitted step. Tracing the loss once
+  with `jax.eval_shape` finds it without compiling or running the model.
+
+  Args:
+    model: the Flax model.
+    batch_stats: its BatchNorm statistics, {} without BatchNorm.
+    params: its parameters.
+    images: a sample batch, [n, H, W, C].
+    model_name: the config's model name, which the error names.
+  """
+  labels = jnp.zeros(images.shape[:1], jnp.int32)
+  loss_fn = losses.make_loss_fn(model, batch_stats, images, labels)
+  try:
+    jax.eval_shape(loss_fn, params)
+  except flax.errors.InvalidRngError as error:
+    raise ConfigError(
+      f"config.model.name={model_name!r} draws random numbers in training mode ({error}). "
+      "ddlr applies models without a PRNG key, so its models must not draw random numbers in "
+      "training mode. Remove nn.Dropout and other random layers."
+    ) from error

@@ -1,6 +1,5 @@
 """Per-example losses of a Flax classifier in training mode, and their mean gradient."""
 
-import flax.errors
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,29 +34,3 @@ def mean_loss_gradient(model, batch_stats, params, images, labels):
   """Returns the gradient of the unweighted mean loss of a batch, training mode."""
   loss_fn = make_loss_fn(model, batch_stats, images, labels)
   return jax.grad(lambda p: jnp.mean(loss_fn(p)[0]))(params)
-
-
-def check_deterministic(model: nn.Module, batch_stats, params, images, *, model_name: str) -> None:
-  """Raises ValueError if `model` draws random numbers in training mode.
-
-  `make_loss_fn` applies the model without a PRNG key, so a layer such as
-  `nn.Dropout` would fail inside the first jitted step. Tracing the loss once
-  with `jax.eval_shape` finds it without compiling or running the model.
-
-  Args:
-    model: the Flax model.
-    batch_stats: its BatchNorm statistics, {} without BatchNorm.
-    params: its parameters.
-    images: a sample batch, [n, H, W, C].
-    model_name: the config's model name, which the error names.
-  """
-  labels = jnp.zeros(images.shape[:1], jnp.int32)
-  loss_fn = make_loss_fn(model, batch_stats, images, labels)
-  try:
-    jax.eval_shape(loss_fn, params)
-  except flax.errors.InvalidRngError as error:
-    raise ValueError(
-      f"config.model.name={model_name!r} draws random numbers in training mode ({error}). "
-      "ddlr applies models without a PRNG key, so its models must not draw random numbers in "
-      "training mode. Remove nn.Dropout and other random layers."
-    ) from error

@@ -24,9 +24,10 @@ import numpy as np
 import optax
 
 HYPERGRADIENT_SCALES = ("none", "rms")
-# With hypergradient_scale='rms', a centred hypergradient smaller than this
-# share of the uncentred one is treated as float32 rounding (relative size
-# about 1e-7) rather than scaled up to full steps.
+# With hypergradient_scale='rms', the centred hypergradient's root mean square
+# is taken to be at least this share of the uncentred terms'. Float32 rounding
+# of the centring leaves about 1e-7 to 1e-6 of them, which would otherwise
+# become full steps. A real spread below the floor is damped in proportion.
 RMS_RELATIVE_FLOOR = 1e-3
 
 
@@ -82,9 +83,10 @@ def ddlr(
   batch root mean square, so that `hyper_learning_rate` is a step in log space
   per visit. That root mean square is taken to be at least
   `RMS_RELATIVE_FLOOR` times the root mean square of the uncentred terms
-  :math:`\frac{\eta_t}{B} r_i s_i`: when every example aligns alike, the
+  :math:`\frac{\eta_t}{B} r_i s_i`. When every example aligns alike, the
   centred :math:`h` is float rounding, which the division would otherwise
-  turn into full steps. Then, per instance id :math:`k` in the batch,
+  turn into full steps; a real spread below that share is damped in
+  proportion. Then, per instance id :math:`k` in the batch,
 
   .. math::
     d_k = \textstyle\sum_{i: I_i = k} h_i + \lambda a_k, \quad
@@ -102,9 +104,10 @@ def ddlr(
   `ValueError`; under `jit` the out-of-range positions are dropped and the
   first such id is stored in `DdlrState.invalid_id`, which
   `raise_if_invalid_ids` turns into the same error on the host. Concrete
-  labels outside `[0, num_classes)` raise `ValueError`; under `jit` they give
-  the batch NaN rates, so the loss turns NaN instead of a wrong class's rate
-  being used.
+  labels outside `[0, num_classes)` raise `ValueError`. Under `jit`,
+  `instance_rates` gives a batch with such a label NaN rates, so the loss
+  turns NaN instead of a wrong class's rate being used, and `update` leaves
+  both rate tables unchanged for that batch.
 
   Gradient accumulation: with `accumulation_steps` = K > 1, `base` is wrapped
   in `optax.MultiSteps`, so the parameters move once per K calls of `update`,
@@ -117,8 +120,12 @@ def ddlr(
 
   With `optax.inject_hyperparams`, list `num_instances`, `num_classes` and
   `accumulation_steps` (when given) in `static_args`, because they shape the
-  state. The float arguments may then be injected or scheduled. Whether the
-  momentum tables exist is fixed by `hyper_momentum` at `init`.
+  state, and `hyper_momentum` too when `init` runs under `jit`, because it
+  decides whether the momentum tables exist. The other float arguments may
+  then be injected or scheduled. inject_hyperparams evaluates a scheduled
+  `learning_rate` at its own count, one per call of `update`; with
+  `accumulation_steps`, list `learning_rate` in `static_args` as well, so
+  that ddlr reads the schedule at the base step.
 
   Args:
     base: optax optimizer that turns the weighted gradient into the update.
@@ -162,7 +169,7 @@ def ddlr(
   _check_positive_int("accumulation_steps", accumulation_steps)
   _check_finite_at_least("hyper_learning_rate", hyper_learning_rate, 0.0)
   # Under optax.inject_hyperparams the float arguments arrive as traced arrays
-  # inside a jitted update. Their values were checked when `init` was built.
+  # inside jit, where their values cannot be checked; concrete ones are.
   if not _is_traced(hyper_momentum) and not 0.0 <= hyper_momentum < 1.0:
     raise ValueError(f"hyper_momentum must be in [0, 1), got {hyper_momentum}.")
   if num_classes is not None:
@@ -196,6 +203,11 @@ def ddlr(
   learning_rate_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init_fn(params):
+    if _is_traced(hyper_momentum):
+      raise ValueError(
+        "hyper_momentum decides whether the state keeps momentum tables, so it must be known "
+        "when init is traced; with optax.inject_hyperparams under jit, list it in static_args."
+      )
     use_momentum = bool(hyper_momentum > 0.0)
     return DdlrState(
       count=jnp.zeros([], jnp.int32),
@@ -211,7 +223,7 @@ def ddlr(
     _check_batch_args(ids, alignment, labels, num_instances, num_classes)
     ids = jnp.asarray(ids)
     alignment = jnp.asarray(alignment, jnp.float32)
-    # The state, not `hyper_momentum`, says whether momentum tables exist: an
+    # The state, not `hyper_momentum`, decides whether momentum tables exist: an
     # injected value is traced here.
     has_momentum = state.log_lr_momentum is not None or state.class_log_lr_momentum is not None
     mu = hyper_momentum if has_momentum else 0.0
@@ -243,6 +255,16 @@ def ddlr(
           beta=class_hyper_learning_rate, mu=mu, decay=log_lr_decay,
           bounds=(log_lr_min, log_lr_max),
       )  # fmt: skip
+
+    if num_classes is not None:
+      # A label outside [0, num_classes), possible only under jit, gives the
+      # batch NaN rates. Keep both tables as they were rather than spread NaN.
+      labels_valid = jnp.all((jnp.asarray(labels) >= 0) & (jnp.asarray(labels) < num_classes))
+      log_lr, log_lr_momentum, class_log_lr, class_log_lr_momentum = jax.tree.map(
+        lambda new, old: jnp.where(labels_valid, new, old),
+        (log_lr, log_lr_momentum, class_log_lr, class_log_lr_momentum),
+        (state.log_lr, state.log_lr_momentum, state.class_log_lr, state.class_log_lr_momentum),
+      )
 
     updates, base_state = base.update(updates, state.base_state, params, **extra_args)
     new_state = DdlrState(

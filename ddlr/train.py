@@ -36,7 +36,12 @@ from ddlr import (
 )
 from ddlr import data as data_lib
 from ddlr import summary as summary_lib
-from ddlr.config_checks import ConfigError, check_reference_batches, validate_config
+from ddlr.config_checks import (
+  ConfigError,
+  check_model_deterministic,
+  check_reference_batches,
+  validate_config,
+)
 from ddlr.data import augment
 from ddlr.evaluation import evaluate, evaluate_batches  # noqa: F401 (evaluate is API)
 from ddlr.input_pipeline import epoch_batches  # noqa: F401 (part of this module's API)
@@ -301,7 +306,7 @@ def _build(config, workdir: str, data) -> tuple[_Run, steps.TrainState]:
     model, tx, inputs.sample_images(), rng, cache_reference=references.caches_reference(settings),
     baseline_state=baselines.init_state(config, num_instances, data.num_classes),
   )  # fmt: skip
-  losses.check_deterministic(
+  check_model_deterministic(
     model, state.batch_stats, state.params, inputs.sample_images(), model_name=config.model.name
   )
   settings = _resolve_alignment(settings, model, state, inputs.sample_images(), data.num_classes)

@@ -156,7 +156,12 @@ def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[st
       run_dir = run_directory(workdir, row.name, seed)
       run_number += 1
       logging.info(
-        "Sweep run %d of %d: %s, seed %d, in %s.", run_number, num_runs, row.name, seed, run_dir
+        "Run %d of %d of this table: %s, seed %d, in %s.",
+        run_number,
+        num_runs,
+        row.name,
+        seed,
+        run_dir,
       )
       summaries[row.name].append(run_or_load(config, run_dir))
   return summaries

@@ -574,3 +574,20 @@ def test_sigterm_during_write_deferred():
   finally:
     signal.signal(signal.SIGTERM, previous)
   assert finished
+
+
+def test_set_aside_accepts_own_config_copy(tmp_path):
+  # An earlier attempt copied config.json and was stopped before moving the rest.
+  (tmp_path / "summary.json").write_text(json.dumps({"test_accuracy_per_epoch": [0.5, 0.6]}))
+  (tmp_path / "config.json").write_text('{"epochs": 2}')
+  (tmp_path / "config_step8.json").write_text('{"epochs": 2}')
+  checkpoint.set_aside_final_outputs(str(tmp_path), step=8, total_steps=12, steps_per_epoch=4)
+  assert (tmp_path / "summary_step8.json").exists()
+  assert not (tmp_path / "summary.json").exists()
+  assert (tmp_path / "config_step8.json").read_text() == '{"epochs": 2}'
+
+  (tmp_path / "summary.json").write_text(json.dumps({"test_accuracy_per_epoch": [0.5, 0.6]}))
+  (tmp_path / "summary_step8.json").unlink()
+  (tmp_path / "config_step8.json").write_text('{"epochs": 1}')
+  with pytest.raises(checkpoint.ResumeError, match=r"config_step8.json, which already exists"):
+    checkpoint.set_aside_final_outputs(str(tmp_path), step=8, total_steps=12, steps_per_epoch=4)

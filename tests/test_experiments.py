@@ -442,7 +442,9 @@ def test_run_rows_logs_run_number(tmp_path, monkeypatch, caplog):
     sweep.run_rows(rows, [0, 1], str(tmp_path))
   assert len(trained) == 4
   messages = [
-    record.getMessage() for record in caplog.records if "Sweep run" in record.getMessage()
+    record.getMessage() for record in caplog.records if "of this table" in record.getMessage()
   ]
-  assert messages[0] == f"Sweep run 1 of 4: uniform, seed 0, in {tmp_path / 'uniform_seed0'}."
-  assert messages[-1] == f"Sweep run 4 of 4: ddlr, seed 1, in {tmp_path / 'ddlr_seed1'}."
+  assert (
+    messages[0] == f"Run 1 of 4 of this table: uniform, seed 0, in {tmp_path / 'uniform_seed0'}."
+  )
+  assert messages[-1] == f"Run 4 of 4 of this table: ddlr, seed 1, in {tmp_path / 'ddlr_seed1'}."

@@ -363,7 +363,8 @@ def test_inject_hyperparams_schedules_ddlr_arguments():
     "hyper_learning_rate": 1.0,
     "hyper_momentum": 0.5,
   }
-  injected = optax.inject_hyperparams(optim.ddlr, static_args=("num_instances",))(**arguments)
+  static_args = ("num_instances", "hyper_momentum")
+  injected = optax.inject_hyperparams(optim.ddlr, static_args=static_args)(**arguments)
   plain = optim.ddlr(**arguments)
   batch = {"ids": jnp.array([0, 1]), "alignment": jnp.array([1.0, -1.0])}
   grads = {"w": jnp.ones(3)}
@@ -372,14 +373,26 @@ def test_inject_hyperparams_schedules_ddlr_arguments():
   def update(state):
     return injected.update(grads, state, params, **batch)[1]
 
-  state = update(injected.init(params))
-  _, expected = plain.update(grads, plain.init(params), params, **batch)
+  # Two steps, so that the second one moves along the hyper momentum too.
+  state = update(update(jax.jit(injected.init)(params)))
+  expected = plain.init(params)
+  for _ in range(2):
+    _, expected = plain.update(grads, expected, params, **batch)
   np.testing.assert_allclose(optim.find_ddlr_state(state).log_lr, expected.log_lr, rtol=1e-6)
+  # Each step without momentum adds 0.05 to a_0; the momentum makes the second step 0.075.
+  np.testing.assert_allclose(expected.log_lr[0], 0.125, rtol=1e-3)
   state.hyperparams["hyper_learning_rate"] = jnp.zeros([])
   frozen = update(state)
   np.testing.assert_array_equal(
     optim.find_ddlr_state(frozen).log_lr, optim.find_ddlr_state(state).log_lr
   )
+
+
+def test_jitted_inject_init_needs_static_momentum():
+  factory = optax.inject_hyperparams(optim.ddlr, static_args=("num_instances",))
+  tx = factory(base=optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=0.1)
+  with pytest.raises(ValueError, match=r"hyper_momentum .* list it in static_args"):
+    jax.jit(tx.init)({"w": jnp.ones(3)})
 
 
 def test_inject_hyperparams_needs_static_sizes():
@@ -408,11 +421,19 @@ def test_out_of_range_label_raises_or_gives_nan():
   )
   assert np.isfinite(rates[0])
   assert np.isnan(rates[1])
-  new_state = jax.jit(
-    lambda labels: tx.update(grads, state, params, ids=ids, alignment=alignment, labels=labels)[1]
-  )(jnp.array([0, 3]))
-  # Class 2, which an index of 3 would have been clamped to, is not updated.
-  assert new_state.class_log_lr[2] == 0.0
+  for normalize in (False, True):
+    tx = optim.ddlr(
+        optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=1.0,
+        num_classes=3, normalize=normalize,
+    )  # fmt: skip
+    new_state = jax.jit(
+      lambda labels, tx=tx: tx.update(
+        grads, state, params, ids=ids, alignment=alignment, labels=labels
+      )[1]
+    )(jnp.array([0, 3]))
+    # Neither table takes a step, so no NaN and no clamped class's update gets in.
+    np.testing.assert_array_equal(new_state.log_lr, state.log_lr)
+    np.testing.assert_array_equal(new_state.class_log_lr, state.class_log_lr)
 
 
 def test_64_bit_id_is_not_wrapped():

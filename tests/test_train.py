@@ -193,7 +193,7 @@ def test_dropout_model_rejected(tmp_path, monkeypatch, enabled):
   monkeypatch.setitem(models.MODELS, "dropout_mlp", _DropoutModel)
   config = tiny_config(**{"model.name": "dropout_mlp", "ddlr.enabled": enabled})
   with tfds.testing.mock_data(num_examples=100):
-    with pytest.raises(ValueError) as raised:
+    with pytest.raises(ConfigError) as raised:
       train.train_and_evaluate(config, str(tmp_path))
 
   cause = raised.value.__cause__
