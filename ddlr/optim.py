@@ -241,10 +241,18 @@ def ddlr(
     first_invalid = jnp.where(jnp.all(in_range), -1, ids[jnp.argmin(in_range)].astype(jnp.int32))
     invalid_id = jnp.where(state.invalid_id >= 0, state.invalid_id, first_invalid)
 
+    # A label outside [0, num_classes), possible only under jit, gives the
+    # batch NaN rates. Both tables then keep their values for this batch
+    # rather than spread NaN; the instance table drops the batch's writes, so
+    # it is still updated in place.
+    labels_valid = jnp.array(True)
+    if num_classes is not None:
+      labels_valid = jnp.all((jnp.asarray(labels) >= 0) & (jnp.asarray(labels) < num_classes))
+
     log_lr, log_lr_momentum = state.log_lr, state.log_lr_momentum
     if instance_rates:
       log_lr, log_lr_momentum = _instance_step(
-          log_lr, log_lr_momentum, ids, in_range, hypergrad,
+          log_lr, log_lr_momentum, ids, in_range & labels_valid, hypergrad,
           beta=hyper_learning_rate, mu=mu, decay=log_lr_decay,
           bounds=(log_lr_min, log_lr_max),
       )  # fmt: skip
@@ -255,16 +263,11 @@ def ddlr(
           beta=class_hyper_learning_rate, mu=mu, decay=log_lr_decay,
           bounds=(log_lr_min, log_lr_max),
       )  # fmt: skip
-
-    if num_classes is not None:
-      # A label outside [0, num_classes), possible only under jit, gives the
-      # batch NaN rates. Keep both tables as they were rather than spread NaN.
-      labels_valid = jnp.all((jnp.asarray(labels) >= 0) & (jnp.asarray(labels) < num_classes))
-      log_lr, log_lr_momentum, class_log_lr, class_log_lr_momentum = jax.tree.map(
-        lambda new, old: jnp.where(labels_valid, new, old),
-        (log_lr, log_lr_momentum, class_log_lr, class_log_lr_momentum),
-        (state.log_lr, state.log_lr_momentum, state.class_log_lr, state.class_log_lr_momentum),
-      )
+      class_log_lr = jnp.where(labels_valid, class_log_lr, state.class_log_lr)
+      if class_log_lr_momentum is not None:
+        class_log_lr_momentum = jnp.where(
+          labels_valid, class_log_lr_momentum, state.class_log_lr_momentum
+        )
 
     updates, base_state = base.update(updates, state.base_state, params, **extra_args)
     new_state = DdlrState(
