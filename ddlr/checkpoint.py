@@ -13,6 +13,7 @@ intact and the unfinished one is ignored and removed on the next start.
 
 import contextlib
 import dataclasses
+import filecmp
 import json
 import math
 import os
@@ -164,12 +165,12 @@ def _deferred_interrupt():
   A signal whose handler does not raise KeyboardInterrupt (ignored, handled by
   the caller, or SIGTERM outside `interrupts.sigterm_as_interrupt`) is left as it is.
   """
-  held = [s for s in (signal.SIGINT, signal.SIGTERM) if interrupts.raises_interrupt(s)]
-  if threading.current_thread() is not threading.main_thread() or not held:
+  deferred = [s for s in (signal.SIGINT, signal.SIGTERM) if interrupts.raises_interrupt(s)]
+  if threading.current_thread() is not threading.main_thread() or not deferred:
     yield
     return
   received = []
-  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in held}
+  previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in deferred}
   try:
     yield
   finally:
@@ -494,7 +495,11 @@ def set_aside_final_outputs(
     if os.path.exists(path):
       stem, extension = os.path.splitext(name)
       aside_path = os.path.join(workdir, f"{stem}_step{final_step}{extension}")
-      if name == "config.json" and _same_bytes(path, aside_path):
+      if (
+        name == "config.json"
+        and os.path.exists(aside_path)
+        and filecmp.cmp(path, aside_path, shallow=False)
+      ):
         # Copied by an earlier attempt that was stopped before the other files moved.
         continue
       if os.path.exists(aside_path):
@@ -513,11 +518,3 @@ def set_aside_final_outputs(
       "Resuming at step %d to train to step %d, so %s (step %d) is kept as %s.",
       step, total_steps, name, final_step, aside_path,
     )  # fmt: skip
-
-
-def _same_bytes(path: str, other_path: str) -> bool:
-  """Returns whether `other_path` exists and has the same bytes as `path`."""
-  if not os.path.exists(other_path):
-    return False
-  with open(path, "rb") as f, open(other_path, "rb") as other:
-    return f.read() == other.read()

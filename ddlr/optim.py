@@ -243,7 +243,7 @@ def ddlr(
 
     # A label outside [0, num_classes), possible only under jit, gives the
     # batch NaN rates. Both tables then keep their values for this batch
-    # rather than spread NaN; the instance table drops the batch's writes, so
+    # rather than spread NaN. The instance table drops the batch's writes, so
     # it is still updated in place.
     labels_valid = jnp.array(True)
     if num_classes is not None:

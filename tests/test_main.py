@@ -80,6 +80,15 @@ def test_non_finite_loss_names_step_and_keeps_outputs(tmp_path):
     assert os.path.exists(tmp_path / "run" / name), name
 
 
+def _wait_for_checkpoint(process, checkpoints) -> None:
+  """Waits until the run in `process` has written a checkpoint under `checkpoints`."""
+  deadline = time.monotonic() + 240
+  while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
+    assert process.poll() is None, process.stderr.read()
+    assert time.monotonic() < deadline, "no checkpoint within 240 s"
+    time.sleep(0.2)
+
+
 def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
   checkpoints = tmp_path / "run" / "checkpoints"
   arguments = [
@@ -97,11 +106,7 @@ def test_interrupt_keeps_checkpoint_and_says_resume(tmp_path):
     [sys.executable, "-c", launcher, *arguments],
     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  deadline = time.monotonic() + 240
-  while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
-    assert process.poll() is None, process.stderr.read()
-    assert time.monotonic() < deadline, "no checkpoint within 240 s"
-    time.sleep(0.2)
+  _wait_for_checkpoint(process, checkpoints)
 
   process.send_signal(signal.SIGINT)
   _, stderr = process.communicate(timeout=120)
@@ -141,11 +146,7 @@ def test_sigterm_keeps_checkpoint_and_says_resume(tmp_path):
     [sys.executable, "-c", SIGTERM_ON_MOCK, *arguments],
     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  deadline = time.monotonic() + 240
-  while not (checkpoints.is_dir() and any(p.name.isdecimal() for p in checkpoints.iterdir())):
-    assert process.poll() is None, process.stderr.read()
-    assert time.monotonic() < deadline, "no checkpoint within 240 s"
-    time.sleep(0.2)
+  _wait_for_checkpoint(process, checkpoints)
 
   process.send_signal(signal.SIGTERM)
   _, stderr = process.communicate(timeout=120)
