@@ -13,51 +13,20 @@ intact and the unfinished one is ignored and removed on the next start.
 
 import contextlib
 import dataclasses
-import filecmp
-import json
 import math
 import os
-import re
 import shutil
 import signal
 import threading
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 from ddlr import baselines, interrupts, optim, steps
 
 CHECKPOINT_DIR = "checkpoints"
-# Config fields whose change keeps a run resumable; any other difference
-# between the saved and the new config is rejected.
-SAFE_TO_CHANGE = frozenset(
-  {
-    "train.num_epochs",
-    "train.log_every_steps",
-    "train.stop_after_steps",
-    "checkpoint.every_steps",
-    "checkpoint.max_to_keep",
-    "eval.batch_size",
-    "data.source",
-    "data.data_dir",
-    "data.manual_dir",
-    # Every alignment path computes the same alignment (tests check them
-    # against per-example gradients), so switching paths keeps the method.
-    "ddlr.alignment",
-  }
-)
-# Fields of SAFE_TO_CHANGE that leave a finished run's results as they are:
-# a finished run differing from the new config only in these is reused.
-# train.stop_after_steps is one of them, since a finished run has no steps left
-# to stop before.
-OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs"}
-# Fields added to the config after runs were saved without them, each with the
-# value that trains as those runs did. A saved config that lacks one of these
-# fields is read as having that value.
-ADDED_FIELDS = {"ddlr.split_batch_stats": "batch"}
 
 
 class ResumeError(ValueError):
@@ -208,7 +177,7 @@ def restore_latest(
     loop = LoopRecord(**saved)
   except (KeyError, ValueError, TypeError, OSError) as error:
     raise ResumeError(
-      f"the checkpoint {step_dir} is damaged or incomplete ({_first_line(error)}); "
+      f"the checkpoint {step_dir} is damaged or incomplete ({describe_error(error)}); "
       "delete that directory to resume from the previous checkpoint."
     ) from error
   if loop.num_instances != num_instances:
@@ -226,7 +195,7 @@ def restore_latest(
   except Exception as error:
     raise ResumeError(
       f"the checkpoint {step_dir} does not match this config's model and optimizer, or "
-      f"is damaged ({_first_line(error)}); if it is damaged, delete that directory to "
+      f"is damaged ({describe_error(error)}); if it is damaged, delete that directory to "
       "resume from the previous checkpoint."
     ) from error
   _check_table_length(restored["opt_state"], num_instances, step)
@@ -267,13 +236,14 @@ def restore_model_variables(manager: ocp.CheckpointManager, step: int) -> tuple[
   # Orbax (0.12) raises a plain Exception when it cannot read an array's data.
   except Exception as error:
     raise ResumeError(
-      f"the checkpoint {step_dir} cannot be read ({_first_line(error)})."
+      f"the checkpoint {step_dir} cannot be read ({describe_error(error)})."
     ) from error
   state = restored["state"]
   return state["params"], state.get("batch_stats") or {}
 
 
-def _first_line(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+  """Returns the first line of `error`'s message (at most 300 characters), or its type name."""
   text = str(error).strip().splitlines()
   return text[0][:300] if text else type(error).__name__
 
@@ -297,224 +267,3 @@ def _check_baseline_table_length(baseline_state, num_instances: int, step: int) 
       f"the checkpoint at step {step} has a baseline table of {length} instances, "
       f"but the dataset has {num_instances} training instances; refusing to resume."
     )
-
-
-def _flatten(config: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in config.items():
-    path = f"{prefix}{key}"
-    if isinstance(value, dict):
-      flat.update(_flatten(value, path + "."))
-    else:
-      flat[path] = value
-  return flat
-
-
-# Baseline fields that only the baseline of the same name reads.
-_BASELINE_FIELDS = {
-  "baseline.reference_batch_size": "learning_to_reweight",
-  "baseline.hypergradient.": "hypergradient",
-  "baseline.data_parameters.": "data_parameters",
-  "baseline.small_loss.": "small_loss",
-}
-
-
-def _is_unused(path: str, flat: dict) -> bool:
-  """Returns whether a run of the flattened config `flat` never reads the field `path`."""
-  if path.startswith("ddlr.") and flat.get("ddlr.enabled") is False:
-    read = {"ddlr.enabled"}
-    if flat.get("baseline.name") == "learning_to_reweight":
-      # Learning to reweight scores examples through the ddlr alignment path.
-      read.add("ddlr.alignment")
-    return path not in read
-  for prefix, name in _BASELINE_FIELDS.items():
-    if path.startswith(prefix) and flat.get("baseline.name") != name:
-      return True
-  return False
-
-
-def config_differences(saved_config_path: str, config: ml_collections.ConfigDict) -> dict:
-  """Returns {dotted field: (saved value, new value)} for every field that differs.
-
-  A field present in only one of the configs has the value '<missing>' in the
-  other, except that a saved config lacking a field of `ADDED_FIELDS` is read
-  as having that field's value. Fields that neither run reads are left out:
-  the `ddlr` section when both have `ddlr.enabled=False` (but the alignment
-  path for learning to reweight), and a baseline's own fields when neither
-  runs that baseline. So a uniform run stays reusable when a sweep changes a
-  ddlr setting.
-
-  Raises:
-    ResumeError: if the saved config is missing or is not valid JSON.
-  """
-  try:
-    with open(saved_config_path) as f:
-      saved = {**ADDED_FIELDS, **_flatten(json.load(f))}
-  except (OSError, ValueError) as error:
-    raise ResumeError(
-      f"the saved config {saved_config_path} cannot be read ({_first_line(error)}), so the "
-      "run in its directory cannot be checked against this config; restore the file or use "
-      "a new --workdir."
-    ) from error
-  new = _flatten(json.loads(config.to_json()))
-  return {
-    path: (saved.get(path, "<missing>"), new.get(path, "<missing>"))
-    for path in sorted(set(saved) | set(new))
-    if saved.get(path, "<missing>") != new.get(path, "<missing>")
-    and not (_is_unused(path, saved) and _is_unused(path, new))
-  }
-
-
-def check_resumable_config(saved_config_path: str, config: ml_collections.ConfigDict) -> None:
-  """Compares the config saved with a run to the new one before resuming.
-
-  Changes of fields in `SAFE_TO_CHANGE` are logged; any other difference
-  (dataset, its size, the noise, the model, the optimizer, the ddlr settings,
-  the seed) is rejected.
-
-  Raises:
-    ResumeError: naming every field that differs, with both values.
-  """
-  changed = config_differences(saved_config_path, config)
-  unsafe = {path: values for path, values in changed.items() if path not in SAFE_TO_CHANGE}
-  if unsafe:
-    differences = "; ".join(f"config.{p}: {old!r} -> {new!r}" for p, (old, new) in unsafe.items())
-    run_dir = os.path.dirname(saved_config_path) or "."
-    raise ResumeError(
-      f"{run_dir} contains a run with a different config, so it cannot be resumed: "
-      f"{differences}. Use a new --workdir (in a sweep, remove this run's directory), "
-      "or restore these values."
-    )
-  for path, (old, new_value) in changed.items():
-    logging.info("Resuming with config.%s changed from %r to %r.", path, old, new_value)
-  if "train.num_epochs" in changed:
-    logging.warning(
-      "config.train.num_epochs changed, so the learning-rate schedule is rebuilt for the "
-      "new number of steps from here on."
-    )
-
-
-def truncate_metrics(path: str, last_step: int) -> None:
-  """Drops records after `last_step` from a `metrics.jsonl`, which the resumed run rewrites.
-
-  A final line that is not valid JSON, a record cut short when the run was
-  killed while writing it, is dropped with a warning.
-
-  Raises:
-    ResumeError: if a line before the last is not a valid record.
-  """
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [line for line in f if line.strip()]
-  records = []
-  for number, line in enumerate(lines, start=1):
-    try:
-      step = json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError) as error:
-      if number == len(lines):
-        logging.warning("Dropping the unreadable last line of %s (%s).", path, _first_line(error))
-        continue
-      raise ResumeError(
-        f"line {number} of {path} is not a valid metrics record ({_first_line(error)}); "
-        "repair or remove that line to resume."
-      ) from error
-    if step <= last_step:
-      records.append(line if line.endswith("\n") else line + "\n")
-  temporary = path + ".tmp"
-  with open(temporary, "w") as f:
-    f.writelines(records)
-  os.replace(temporary, path)
-
-
-# Files a run writes when it finishes, which describe the run up to that step.
-FINAL_OUTPUTS = ("summary.json", "rates.npz", "rates_histogram.png", "baseline_scores.npz")
-
-
-# The name of a final output set aside at step N, e.g. summary_step60.json.
-_SET_ASIDE = re.compile(
-  "|".join(
-    re.escape(os.path.splitext(name)[0]) + r"_step\d+" + re.escape(os.path.splitext(name)[1])
-    for name in FINAL_OUTPUTS
-  )
-)
-
-
-def check_no_final_outputs(workdir: str) -> None:
-  """Raises ResumeError if `workdir` has final outputs but the run would start afresh.
-
-  Without a checkpoint a run starts from step 0 and rewrites config.json, the
-  split record and metrics.jsonl. The final outputs of the earlier run, or
-  those it set aside (summary_step60.json), would then describe another
-  config, and a sweep would reuse a summary.json as this run's.
-  """
-  found = sorted(
-    name for name in os.listdir(workdir) if name in FINAL_OUTPUTS or _SET_ASIDE.fullmatch(name)
-  )
-  if found:
-    raise ResumeError(
-      f"{workdir} has the final outputs of a finished run ({', '.join(found)}) but no "
-      "checkpoint to resume from, so a run there would start afresh beside them; use a new "
-      "--workdir, or move those files out of it to start afresh there."
-    )
-
-
-def set_aside_final_outputs(
-  workdir: str, step: int, total_steps: int, steps_per_epoch: int
-) -> None:
-  """Renames a finished run's final outputs before the run trains further.
-
-  A resumed run that trains more steps (more epochs) writes its final outputs
-  only at its end. Until then no summary.json may describe the shorter run,
-  or a sweep would reuse it, and the new outputs must not overwrite the old
-  ones. Each file of `FINAL_OUTPUTS` is kept with `_step<N>` before its
-  extension, e.g. summary_step60.json, where N is the step the outputs
-  describe: the epochs in summary.json times `steps_per_epoch`. It can be
-  later than `step`, the step the run resumes at, when the last checkpoints
-  were deleted. config.json is copied to config_step<N>.json, because the
-  caller then rewrites it with the new `train.num_epochs`.
-
-  Raises:
-    ResumeError: if a file of that name is already there, so that no earlier
-      output is overwritten.
-  """
-  summary_path = os.path.join(workdir, "summary.json")
-  if step >= total_steps or not os.path.exists(summary_path):
-    return
-  try:
-    with open(summary_path) as f:
-      final_step = len(json.load(f)["test_accuracy_per_epoch"]) * steps_per_epoch
-  except (OSError, ValueError, KeyError, TypeError) as error:
-    raise ResumeError(
-      f"{summary_path} cannot be read ({_first_line(error)}), so the step it describes is "
-      "unknown and it cannot be set aside; move it out of the workdir to resume."
-    ) from error
-  moves = []
-  for name in ("config.json", *FINAL_OUTPUTS):
-    path = os.path.join(workdir, name)
-    if os.path.exists(path):
-      stem, extension = os.path.splitext(name)
-      aside_path = os.path.join(workdir, f"{stem}_step{final_step}{extension}")
-      if (
-        name == "config.json"
-        and os.path.exists(aside_path)
-        and filecmp.cmp(path, aside_path, shallow=False)
-      ):
-        # Copied by an earlier attempt that was stopped before the other files moved.
-        continue
-      if os.path.exists(aside_path):
-        raise ResumeError(
-          f"{path} would be set aside as {aside_path}, which already exists; move one of "
-          "them out of the workdir to resume."
-        )
-      moves.append((name, path, aside_path))
-  for name, path, aside_path in moves:
-    # config.json is copied, so that a run killed before the caller rewrites it can still resume.
-    if name == "config.json":
-      shutil.copyfile(path, aside_path)
-    else:
-      os.replace(path, aside_path)
-    logging.info(
-      "Resuming at step %d to train to step %d, so %s (step %d) is kept as %s.",
-      step, total_steps, name, final_step, aside_path,
-    )  # fmt: skip

@@ -32,6 +32,7 @@ from ddlr import (
   personalisation,
   references,
   reporting,
+  resume,
   steps,
 )
 from ddlr import data as data_lib
@@ -173,29 +174,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteLossError: when the loss diverges; the last checkpoint is kept.
   """
   validate_config(config)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ConfigError(f"--workdir {workdir} exists and is not a directory; give a directory.")
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
+  resume.make_workdir(workdir)
   logging.info("Config:\n%s", config)
   if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     # Before the manager creates the directory, so a rejected workdir stays as it was.
-    checkpoint.check_no_final_outputs(workdir)
+    resume.check_no_final_outputs(workdir)
   manager = checkpoint.create_manager(workdir, config.checkpoint.max_to_keep)
   try:
     resuming = manager.latest_step() is not None
     config_path = os.path.join(workdir, "config.json")
     if resuming:
-      for name in ("config.json", "split_record.npz"):
-        if not os.path.exists(os.path.join(workdir, name)):
-          raise checkpoint.ResumeError(
-            f"{workdir} has checkpoints but no {name}, so the run's config cannot be "
-            "checked before resuming; restore the file or use a new --workdir."
-          )
-      checkpoint.check_resumable_config(config_path, config)
+      resume.check_run_record(workdir)
+      resume.check_resumable_config(config_path, config)
     else:
-      checkpoint.check_no_final_outputs(workdir)
+      resume.check_no_final_outputs(workdir)
     data = _load_data(config, workdir, resuming)
     run, state = _build(config, workdir, data)
 
@@ -209,9 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.info("The run has finished all %d steps; see %s.", run.total_steps, summary_path)
         with open(summary_path) as f:
           return json.load(f)
-      checkpoint.set_aside_final_outputs(
-        workdir, int(state.step), run.total_steps, run.steps_per_epoch
-      )
+      resume.set_aside_final_outputs(workdir, int(state.step), run.total_steps, run.steps_per_epoch)
     elif os.path.exists(metrics_path):
       logging.warning(
         "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path
@@ -221,7 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # finished run trains no further, so its file keeps the config it trained with.
     if int(state.step) < run.total_steps:
       reporting.write_json(config_path, json.loads(config.to_json()))
-    checkpoint.truncate_metrics(metrics_path, int(state.step))
+    resume.truncate_metrics(metrics_path, int(state.step))
     state, completed = _train(run, state, loop, manager)
   finally:
     manager.close()
@@ -264,19 +254,7 @@ def _load_data(config, workdir: str, resuming: bool) -> data_lib.TrainingData:
   check_reference_batches(config, len(data.reference_labels), num_train)
   record_path = os.path.join(workdir, "split_record.npz")
   if resuming and os.path.exists(record_path):
-    saved = data_lib.load_split_record(record_path)
-    same = (
-      np.array_equal(saved.is_noisy, data.is_noisy)
-      and np.array_equal(saved.labels, data.labels)
-      and np.array_equal(saved.reference_source_index, data.reference_source_index)
-      and np.array_equal(saved.is_target_domain, data.is_target_domain)
-    )
-    if not same:
-      raise checkpoint.ResumeError(
-        f"{record_path} records a different split (noise mask, labels, reference ids or "
-        "target-domain mask) "
-        "than this config produces, so the run cannot be resumed; use a new --workdir."
-      )
+    resume.check_split_record(record_path, data)
   else:
     data_lib.save_split_record(data, record_path)
   logging.info(

@@ -39,7 +39,7 @@ import numpy as np
 from absl import flags, logging
 
 from configs import default as default_config
-from ddlr import checkpoint, cli, hessian, reporting, train
+from ddlr import checkpoint, cli, hessian, reporting, resume, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
@@ -191,7 +191,7 @@ def check_checkpoints_kept(
     return
   config_path = os.path.join(train_dir, "config.json")
   if os.path.exists(config_path):
-    checkpoint.check_resumable_config(config_path, config)
+    resume.check_resumable_config(config_path, config)
   latest = kept_steps[-1]
   missing = [
     epoch

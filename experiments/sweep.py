@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from ddlr import checkpoint, train
 from ddlr import data as data_lib
+from ddlr import resume, train
 from ddlr.config_checks import check_reference_batches, reference_batch_source, validate_config
 
 # (summary key, column title) of the default table.
@@ -75,12 +75,12 @@ def is_reused(config, workdir: str) -> bool:
   """Returns whether `workdir` contains a finished run that `run_or_load` reuses for `config`.
 
   That is a run with a `summary.json` whose saved config equals `config` up
-  to fields that do not change results (`checkpoint.OUTCOME_NEUTRAL`).
+  to fields that do not change results (`resume.OUTCOME_NEUTRAL`).
   """
   if not os.path.exists(os.path.join(workdir, "summary.json")):
     return False
-  changed = checkpoint.config_differences(os.path.join(workdir, "config.json"), config)
-  return set(changed) <= checkpoint.OUTCOME_NEUTRAL
+  changed = resume.config_differences(os.path.join(workdir, "config.json"), config)
+  return set(changed) <= resume.OUTCOME_NEUTRAL
 
 
 def seed_config(row: Row, seed: int) -> ml_collections.ConfigDict:
@@ -94,7 +94,7 @@ def run_or_load(config, workdir: str) -> dict:
   """Returns the summary of the run in `workdir`, training it first if it has none.
 
   A finished run is reused only when its saved config equals `config` up to
-  fields that do not change results (`checkpoint.OUTCOME_NEUTRAL`). A run
+  fields that do not change results (`resume.OUTCOME_NEUTRAL`). A run
   whose config differs only in resumable fields (e.g. more epochs) resumes
   with `config`.
 
@@ -109,8 +109,8 @@ def run_or_load(config, workdir: str) -> dict:
       return json.load(f)
   if os.path.exists(summary_path):
     config_path = os.path.join(workdir, "config.json")
-    changed = checkpoint.config_differences(config_path, config)
-    checkpoint.check_resumable_config(config_path, config)
+    changed = resume.config_differences(config_path, config)
+    resume.check_resumable_config(config_path, config)
     logging.info(
       "The finished run in %s differs from this sweep's config in %s; resuming it.",
       workdir,
