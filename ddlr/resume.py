@@ -165,12 +165,16 @@ def config_differences(saved_config_path: str, config: ml_collections.ConfigDict
   }
 
 
-def check_resumable_config(saved_config_path: str, config: ml_collections.ConfigDict) -> None:
+def check_resumable_config(saved_config_path: str, config: ml_collections.ConfigDict) -> dict:
   """Compares the config saved with a run to the new one before resuming.
 
-  Changes of fields in `SAFE_TO_CHANGE` are logged; any other difference
+  Only fields in `SAFE_TO_CHANGE` may differ; any other difference
   (dataset, its size, the noise, the model, the optimizer, the ddlr settings,
   the seed) is rejected.
+
+  Returns:
+    {dotted field: (saved value, new value)} for the fields that differ, all
+    in `SAFE_TO_CHANGE`, for `log_config_changes` once the resume goes ahead.
 
   Raises:
     ResumeError: naming every field that differs, with both values.
@@ -185,6 +189,11 @@ def check_resumable_config(saved_config_path: str, config: ml_collections.Config
       f"{differences}. Use a new --workdir (in a sweep, remove this run's directory), "
       "or restore these values."
     )
+  return changed
+
+
+def log_config_changes(changed: dict) -> None:
+  """Logs each config field that a resumed run changed, from `check_resumable_config`."""
   for path, (old, new_value) in changed.items():
     logging.info("Resuming with config.%s changed from %r to %r.", path, old, new_value)
   if "train.num_epochs" in changed:

@@ -185,7 +185,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config_path = os.path.join(workdir, "config.json")
     if resuming:
       resume.check_run_record(workdir)
-      resume.check_resumable_config(config_path, config)
+      changed = resume.check_resumable_config(config_path, config)
     else:
       resume.check_no_final_outputs(workdir)
     data = _load_data(config, workdir, resuming)
@@ -202,6 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         with open(summary_path) as f:
           return json.load(f)
       resume.set_aside_final_outputs(workdir, int(state.step), run.total_steps, run.steps_per_epoch)
+      resume.log_config_changes(changed)
     elif os.path.exists(metrics_path):
       logging.warning(
         "No checkpoint in %s: starting afresh and clearing %s.", workdir, metrics_path

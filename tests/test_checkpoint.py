@@ -157,12 +157,14 @@ def test_resume_with_changed_noise_is_rejected(finished_run, tmp_path):
     run_on_mock(config, workdir)
 
 
-def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path):
+def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path, caplog):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
+  caplog.set_level("INFO")
   summary = run_on_mock(_config(**{"train.num_epochs": 3}), workdir)
   assert len(summary["test_accuracy_per_epoch"]) == 3
   assert summary["test_accuracy_per_epoch"][:2] == finished_run[1]["test_accuracy_per_epoch"]
+  assert "Resuming with config.train.num_epochs changed from 2 to 3." in caplog.messages
 
 
 def test_checkpoint_of_other_dataset_size_is_rejected(finished_run, tmp_path):
@@ -212,11 +214,14 @@ def test_missing_run_record_is_rejected(finished_run, tmp_path, name):
     run_on_mock(_config(), workdir)
 
 
-def test_checkpoint_past_the_end_is_rejected(finished_run, tmp_path):
+def test_checkpoint_past_the_end_is_rejected(finished_run, tmp_path, caplog):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
+  caplog.set_level("INFO")
   with pytest.raises(checkpoint.ResumeError, match=r"step 10 is past the end of this run"):
     run_on_mock(_config(**{"train.num_epochs": 1}), workdir)
+  # A rejected resume does not log the config change it rejected.
+  assert not [message for message in caplog.messages if message.startswith("Resuming with")]
 
 
 def test_damaged_checkpoint_is_rejected(finished_run, tmp_path):

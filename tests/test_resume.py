@@ -65,6 +65,10 @@ def test_added_field_missing_reads_old_value(tmp_path):
   path = tmp_path / "config.json"
   path.write_text(json.dumps(saved))
   assert resume.config_differences(str(path), config) == {}
+  config.train.num_epochs += 1
+  assert resume.check_resumable_config(str(path), config) == {
+    "train.num_epochs": (config.train.num_epochs - 1, config.train.num_epochs)
+  }
   config.ddlr.split_batch_stats = "half"
   with pytest.raises(checkpoint.ResumeError, match=r"split_batch_stats: 'batch' -> 'half'"):
     resume.check_resumable_config(str(path), config)
