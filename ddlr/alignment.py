@@ -52,7 +52,11 @@ def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) ->
   """
   losses, jvp_fn, aux = jax.linearize(loss_fn, params, has_aux=True)
   transpose = jax.linear_transpose(jvp_fn, params)
-  return LinearizedLosses(losses, aux, jvp_fn, lambda cotangent: transpose(cotangent)[0])
+
+  def vjp(cotangent):
+    return transpose(as_loss_dtype(cotangent, losses))[0]
+
+  return LinearizedLosses(losses, aux, jvp_fn, vjp)
 
 
 def differentiate_losses(
@@ -69,7 +73,18 @@ def differentiate_losses(
   def jvp(tangent):
     return jax.jvp(lambda p: loss_fn(p)[0], (params,), (tangent,))[1]
 
-  return LinearizedLosses(losses, aux, jvp, lambda cotangent: vjp_fn(cotangent)[0])
+  return LinearizedLosses(
+    losses, aux, jvp, lambda cotangent: vjp_fn(as_loss_dtype(cotangent, losses))[0]
+  )
+
+
+def as_loss_dtype(cotangent: jax.Array, losses: jax.Array) -> jax.Array:
+  """Returns `cotangent` [B] in the dtype of `losses`, which a VJP of the losses requires.
+
+  Rates are float32, so a model whose losses are bfloat16 or float16 gets
+  its cotangent rounded to that dtype; with float32 losses it is unchanged.
+  """
+  return jnp.asarray(cotangent).astype(losses.dtype)
 
 
 def weighted_gradient(lin: LinearizedLosses, cotangent: jax.Array):

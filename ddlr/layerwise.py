@@ -146,9 +146,10 @@ def linearize_layerwise(
     return jax.jvp(lambda p: loss_fn(p)[0], (params,), (tangent,))[1]
 
   def vjp(cotangent):
-    return vjp_fn(cotangent)[0]
+    return vjp_fn(alignment_lib.as_loss_dtype(cotangent, losses))[0]
 
   def backward(cotangent):
+    cotangent = alignment_lib.as_loss_dtype(cotangent, losses)
     grads, deltas = vjp_fn(cotangent)
 
     def layerwise_jvp(tangent):

@@ -16,14 +16,15 @@ leaves out the scalar (1 - b1) / (1 - b1^t) with which this step's gradient
 enters the first moment, which `hypergradient_scale='rms'` divides out.
 """
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-HYPERGRADIENT_SCALES = ("none", "rms")
+from ddlr import optim_checks
+
 # With hypergradient_scale='rms', the centred hypergradient's root mean square
 # is taken to be at least this share of the uncentred terms'. Float32 rounding
 # of the centring leaves about 1e-7 to 1e-6 of them, which would otherwise
@@ -107,7 +108,11 @@ def ddlr(
   labels outside `[0, num_classes)` raise `ValueError`. Under `jit`,
   `instance_rates` gives a batch with such a label NaN rates, so the loss
   turns NaN instead of a wrong class's rate being used, and `update` leaves
-  both rate tables unchanged for that batch.
+  both rate tables unchanged for that batch. A concrete non-finite alignment
+  raises `ValueError`. Under `jit` it makes the rates of every instance in
+  the batch NaN, because the centring term mixes the batch's alignments.
+  NOTE: under `jit` with x64 off, jax converts 64-bit ids to int32 before
+  `update` sees them, so an id of 2**32 or more wraps around unchecked.
 
   Gradient accumulation: with `accumulation_steps` = K > 1, `base` is wrapped
   in `optax.MultiSteps`, so the parameters move once per K calls of `update`,
@@ -121,7 +126,10 @@ def ddlr(
   With `optax.inject_hyperparams`, list `num_instances`, `num_classes` and
   `accumulation_steps` (when given) in `static_args`, because they shape the
   state, and `hyper_momentum` too when `init` runs under `jit`, because it
-  decides whether the momentum tables exist. The other float arguments may
+  decides whether the momentum tables exist. An injected `hyper_momentum`
+  that is 0 at `init` makes a state without them. Raising it later raises
+  `ValueError` when its value is concrete. Under `jit` the raised value has no
+  effect, because there is no table to apply it to. The other float arguments may
   then be injected or scheduled. inject_hyperparams evaluates a scheduled
   `learning_rate` at its own count, one per call of `update`; with
   `accumulation_steps`, list `learning_rate` in `static_args` as well, so
@@ -153,8 +161,9 @@ def ddlr(
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose `update` takes the
-    keyword-only arguments `ids` (int [B]), `alignment` (float [B]) and, with
-    class rates, `labels` (int [B]).
+    keyword-only arguments `ids` (int [B], B >= 1), `alignment` (float [B])
+    and, with class rates, `labels` (int [B]). Without class rates `labels`
+    is not read, so a train step may pass it either way.
 
   References:
     Saxena, Vyas, DeCoste, `Training With Data Dependent Dynamic Learning
@@ -163,39 +172,19 @@ def ddlr(
     Baydin et al., `Online Learning Rate Adaptation with Hypergradient Descent
     <https://arxiv.org/abs/1703.04782>`_, 2018.
   """
-  _check_positive_int("num_instances", num_instances)
+  optim_checks.check_hyperparameters(
+      num_instances=num_instances, learning_rate=learning_rate,
+      hyper_learning_rate=hyper_learning_rate, hyper_momentum=hyper_momentum,
+      instance_rates=instance_rates, num_classes=num_classes,
+      class_hyper_learning_rate=class_hyper_learning_rate, init_log_lr=init_log_lr,
+      log_lr_decay=log_lr_decay, log_lr_min=log_lr_min, log_lr_max=log_lr_max,
+      normalize=normalize, hypergradient_scale=hypergradient_scale,
+      accumulation_steps=accumulation_steps,
+  )  # fmt: skip
   if accumulation_steps is None:
     accumulation_steps = 1
-  _check_positive_int("accumulation_steps", accumulation_steps)
-  _check_finite_at_least("hyper_learning_rate", hyper_learning_rate, 0.0)
-  # Under optax.inject_hyperparams the float arguments arrive as traced arrays
-  # inside jit, where their values cannot be checked; concrete ones are.
-  if not _is_traced(hyper_momentum) and not 0.0 <= hyper_momentum < 1.0:
-    raise ValueError(f"hyper_momentum must be in [0, 1), got {hyper_momentum}.")
-  if num_classes is not None:
-    _check_positive_int("num_classes", num_classes)
   if class_hyper_learning_rate is None:
     class_hyper_learning_rate = hyper_learning_rate
-  _check_finite_at_least("class_hyper_learning_rate", class_hyper_learning_rate, 0.0)
-  _check_finite_at_least("log_lr_decay", log_lr_decay, 0.0)
-  bounds = (log_lr_min, log_lr_max, init_log_lr)
-  if not any(_is_traced(value) for value in bounds):
-    if not log_lr_min < log_lr_max:
-      raise ValueError(f"log_lr_min must be below log_lr_max, got {log_lr_min} and {log_lr_max}.")
-    if not log_lr_min <= init_log_lr <= log_lr_max:
-      raise ValueError(
-        f"init_log_lr={init_log_lr} is outside [log_lr_min, log_lr_max] = "
-        f"[{log_lr_min}, {log_lr_max}]."
-      )
-  if hypergradient_scale not in HYPERGRADIENT_SCALES:
-    raise ValueError(
-      f"hypergradient_scale must be one of {HYPERGRADIENT_SCALES}, got {hypergradient_scale!r}."
-    )
-  if not instance_rates and num_classes is None:
-    raise ValueError(
-      "ddlr needs instance_rates=True or num_classes; with neither it "
-      "learns nothing, so use the base optimizer directly."
-    )
 
   base = optax.with_extra_args_support(base)
   if accumulation_steps > 1:
@@ -203,7 +192,7 @@ def ddlr(
   learning_rate_fn = learning_rate if callable(learning_rate) else (lambda _: learning_rate)
 
   def init_fn(params):
-    if _is_traced(hyper_momentum):
+    if optim_checks.is_traced(hyper_momentum):
       raise ValueError(
         "hyper_momentum decides whether the state keeps momentum tables, so it must be known "
         "when init is traced; with optax.inject_hyperparams under jit, list it in static_args."
@@ -220,12 +209,23 @@ def ddlr(
     )
 
   def update_fn(updates, state, params=None, *, ids, alignment, labels=None, **extra_args):
-    _check_batch_args(ids, alignment, labels, num_instances, num_classes)
+    # Lists become NumPy arrays, so that the checks see their values.
+    ids, alignment, labels = (
+      value if value is None or hasattr(value, "shape") else np.asarray(value)
+      for value in (ids, alignment, labels)
+    )
+    optim_checks.check_batch_args(ids, alignment, labels, num_instances, num_classes)
+    optim_checks.check_state_tables(state, num_instances, num_classes)
     ids = jnp.asarray(ids)
     alignment = jnp.asarray(alignment, jnp.float32)
     # The state, not `hyper_momentum`, decides whether momentum tables exist: an
     # injected value is traced here.
     has_momentum = state.log_lr_momentum is not None or state.class_log_lr_momentum is not None
+    if not has_momentum and not optim_checks.is_traced(hyper_momentum) and hyper_momentum > 0.0:
+      raise ValueError(
+        f"hyper_momentum is {hyper_momentum}, but the state has no momentum tables because "
+        "hyper_momentum was 0 when init ran; init the state with a nonzero hyper_momentum."
+      )
     mu = hyper_momentum if has_momentum else 0.0
 
     rates = _batch_rates(state, ids, labels, normalize)
@@ -362,7 +362,8 @@ def instance_rates(
 
   `normalize` must match the `ddlr` transformation's setting, so that the
   gradient is weighted with the same rates the hypergradient assumes. Ids are
-  not validated here; `update` validates them.
+  not validated here; `update` validates them. `labels` are read only when
+  the state has class rates.
   """
   state = find_ddlr_state(opt_state)
   if state.class_log_lr is not None and labels is None:
@@ -385,101 +386,5 @@ def raise_if_invalid_ids(opt_state: optax.OptState) -> None:
     )
 
 
-def find_state_field(opt_state: optax.OptState, state_type: type, field: str) -> Any:
-  """Returns `field` of the single `state_type` node inside `opt_state`.
-
-  Used to read the base optimizer's momentum buffer or Adam moments without
-  knowing how the optimizer was chained.
-
-  Raises:
-    ValueError: if there is no such node, or more than one.
-  """
-  found = [
-    node
-    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda x: isinstance(x, state_type))
-    if isinstance(node, state_type)
-  ]
-  if len(found) != 1:
-    raise ValueError(
-      f"expected exactly one {state_type.__name__} in the optimizer state, "
-      f"found {len(found)}; this reference or preconditioner needs an "
-      "optimizer that keeps one."
-    )
-  return getattr(found[0], field)
-
-
-def momentum_buffer(opt_state: optax.OptState) -> optax.Params:
-  """Returns the base optimizer's first-moment buffer (SGD trace or Adam mu)."""
-  try:
-    return find_state_field(opt_state, optax.TraceState, "trace")
-  except ValueError:
-    return find_state_field(opt_state, optax.ScaleByAdamState, "mu")
-
-
-def adam_preconditioner(opt_state: optax.OptState, *, b2: float, eps: float) -> optax.Params:
-  r"""Returns Adam's diagonal preconditioner :math:`1/(\sqrt{\hat v}+\epsilon)`.
-
-  Before the first step the second moment is zero, so the preconditioner is
-  1 everywhere rather than the 1/eps the formula would give.
-  """
-  count = find_state_field(opt_state, optax.ScaleByAdamState, "count")
-  nu = find_state_field(opt_state, optax.ScaleByAdamState, "nu")
-  correction = 1.0 - jnp.asarray(b2, jnp.float32) ** jnp.maximum(count, 1)
-
-  def invert(second_moment):
-    preconditioner = 1.0 / (jnp.sqrt(second_moment / correction) + eps)
-    return jnp.where(count > 0, preconditioner, jnp.ones_like(preconditioner))
-
-  return jax.tree.map(invert, nu)
-
-
-def _check_batch_args(ids, alignment, labels, num_instances, num_classes):
-  ids_shape = jnp.shape(ids)
-  ids_dtype = ids.dtype if hasattr(ids, "dtype") else np.asarray(ids).dtype
-  if len(ids_shape) != 1 or not jnp.issubdtype(ids_dtype, jnp.integer):
-    raise ValueError(f"ids must be a 1-D integer array, got shape {ids_shape} {ids_dtype}.")
-  if jnp.shape(alignment) != ids_shape:
-    raise ValueError(
-      f"alignment must have the shape of ids {ids_shape}, got {jnp.shape(alignment)}."
-    )
-  if num_classes is not None:
-    if labels is None:
-      raise ValueError("class rates are enabled (num_classes given), so update needs labels.")
-    if jnp.shape(labels) != ids_shape:
-      raise ValueError(f"labels must have the shape of ids {ids_shape}, got {jnp.shape(labels)}.")
-    _check_concrete_range("label", labels, num_classes, "labels must be class indices")
-  # Checked before the ids become a jax array, which would wrap 64-bit values to 32 bits.
-  _check_concrete_range("instance id", ids, num_instances, "ids must index the training set")
-
-
-def _check_concrete_range(name: str, values, bound: int, requirement: str) -> None:
-  """Raises ValueError if concrete integer `values` leave [0, bound); traced values pass."""
-  if _is_traced(values):
-    return
-  values = np.asarray(values)
-  bad = values[(values < 0) | (values >= bound)]
-  if bad.size:
-    raise ValueError(f"{name} {int(bad[0])} is outside [0, {bound}); {requirement}.")
-
-
-def _is_traced(value) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
 def _root_mean_square(values: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.mean(values**2))
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    hint = ""
-    if isinstance(value, jax.Array):
-      hint = " It sizes the state, so with optax.inject_hyperparams list it in static_args."
-    raise ValueError(f"{name} must be a positive integer, got {value!r}.{hint}")
-
-
-def _check_finite_at_least(name: str, value: float, minimum: float) -> None:
-  if _is_traced(value):
-    return
-  if not np.isfinite(value) or value < minimum:
-    raise ValueError(f"{name} must be finite and >= {minimum}, got {value!r}.")

@@ -69,7 +69,10 @@ def _ddlr_optimizer(base, settings, num_instances, num_classes, learning_rate):
     learning_rate=learning_rate,
     hyper_learning_rate=settings.hyper_learning_rate,
     hyper_momentum=settings.hyper_momentum,
-    class_hyper_learning_rate=settings.class_hyper_learning_rate,
+    # The config always has a class step size; it applies only with class rates.
+    class_hyper_learning_rate=(
+      settings.class_hyper_learning_rate if settings.class_rates else None
+    ),
     instance_rates=settings.instance_rates,
     num_classes=num_classes if settings.class_rates else None,
     init_log_lr=settings.init_log_lr,

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from ddlr import alignment as alignment_lib
-from ddlr import losses, optim
+from ddlr import losses, optimizer_state
 from ddlr import small_loss as small_loss_lib
 
 # Which gradient the alignment is measured against:
@@ -77,7 +77,7 @@ def compute_batch_alignment(
   if settings.reference == "batch":
     direction = grads
   elif settings.reference == "momentum":
-    direction = optim.momentum_buffer(state.opt_state)
+    direction = optimizer_state.momentum_buffer(state.opt_state)
   elif settings.reference == "lookahead":
     params_after = lookahead_params(state, grads, ids, labels, tx)
     if images is None:
@@ -183,5 +183,5 @@ def preconditioner(opt_state, settings):
   """Returns the function that preconditions a params-shaped direction: identity or Adam's."""
   if settings.preconditioner == "identity":
     return lambda tree: tree
-  scale = optim.adam_preconditioner(opt_state, b2=settings.adam_b2, eps=settings.adam_eps)
+  scale = optimizer_state.adam_preconditioner(opt_state, b2=settings.adam_b2, eps=settings.adam_eps)
   return lambda tree: jax.tree.map(jnp.multiply, scale, tree)

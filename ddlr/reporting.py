@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from ddlr import analysis, baselines, optim
+from ddlr import analysis, baselines, optim, optimizer_state
 from ddlr.baselines import hypergradient
 
 
@@ -204,7 +204,7 @@ def baseline_report(name: str, state, data, workdir: str) -> dict[str, float]:
   """
   report = {}
   if name == "hypergradient":
-    learning_rate = optim.find_state_field(
+    learning_rate = optimizer_state.find_state_field(
       state.opt_state, hypergradient.HypergradientState, "learning_rate"
     )
     report["hypergradient_learning_rate"] = float(learning_rate)

@@ -16,7 +16,7 @@ import optax
 from flax import struct
 
 from ddlr import alignment as alignment_lib
-from ddlr import baselines, layerwise, optim, references
+from ddlr import baselines, layerwise, optim, optimizer_state, references
 from ddlr.baselines import data_parameters, hypergradient, learning_to_reweight
 from ddlr.baselines import small_loss as small_loss_baseline
 from ddlr.data import augment
@@ -211,7 +211,7 @@ def train_step(
     metrics["ddlr/batch_rate_max"] = jnp.max(rates)
     metrics["ddlr/rates_finite"] = _batch_rates_finite(opt_state, ids, labels)
   if settings.baseline.name == "hypergradient":
-    metrics["baseline/learning_rate"] = optim.find_state_field(
+    metrics["baseline/learning_rate"] = optimizer_state.find_state_field(
       opt_state, hypergradient.HypergradientState, "learning_rate"
     )
   return new_state, metrics

@@ -96,3 +96,24 @@ def test_unknown_alignment_method_raises():
   lin = alignment_lib.linearize_losses(loss_fn, params)
   with pytest.raises(ValueError, match="alignment method must be one of"):
     alignment_lib.compute_alignment(lin, tangents, method="exact")
+
+
+@pytest.mark.parametrize(
+  "differentiate", [alignment_lib.linearize_losses, alignment_lib.differentiate_losses]
+)
+def test_bfloat16_losses_take_float32_cotangent(differentiate):
+  weights = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16).reshape(3, 2)
+  inputs = jnp.arange(12, dtype=jnp.bfloat16).reshape(4, 3) / 10
+
+  def loss_fn(w):
+    return jnp.sum((inputs @ w) ** 2, axis=-1), None
+
+  lin = differentiate(loss_fn, weights)
+  cotangent = jnp.array([0.25, 0.5, 0.75, 1.0], jnp.float32)  # rates are float32
+  grads = lin.vjp(cotangent)
+
+  assert grads.dtype == jnp.bfloat16
+  expected = jax.grad(lambda w: jnp.sum(cotangent * loss_fn(w.astype(jnp.float32))[0]))(
+    weights.astype(jnp.float32)
+  )
+  np.testing.assert_allclose(np.asarray(grads, np.float32), expected, rtol=2e-2, atol=1e-2)

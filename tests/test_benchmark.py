@@ -162,7 +162,7 @@ def test_invalid_flags_raise(parse_flags, arguments, flag_values, message):
 def test_tiny_benchmark_prints_ratios():
   command = [
     sys.executable, "-m", "scripts.benchmark", "--model=small_cnn", "--width=2",
-    "--batch_norm", "--batch_size=8", "--steps=4", "--rounds=2", "--warmup=0",
+    "--batch_norm", "--batch_size=8", "--steps=4", "--rounds=2", "--warmup=1",
     "--variants=uniform,jvp/split,jvp/split-half,jvp/reference@2",
   ]  # fmt: skip
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -181,10 +181,11 @@ def test_tiny_benchmark_prints_ratios():
   # With BatchNorm, per-half statistics skip the second VJP and tangent.
   flop_ratios = {name: float(cells[4][:-1]) for name, cells in rows.items()}
   assert flop_ratios["jvp/split-half"] < flop_ratios["jvp/split"]
-  # Two rounds of 2 steps refresh twice, and with no warm-up nothing else does.
+  # Each round makes 3 calls (1 warm-up, 2 timed), so the refreshes follow
+  # calls 2, 4 and 6, and call 4 is the second round's warm-up step.
   refresh = re.search(
     r"^jvp/reference@2: a refresh took ([0-9.]+) ms \(([0-9.]+)x the uniform step, "
-    r"([0-9.]+)x per step\), mean of 2, 0 of them in warm-up steps$",
+    r"([0-9.]+)x per step\), mean of 3, 1 of them in warm-up steps$",
     result.stdout,
     re.MULTILINE,
   )

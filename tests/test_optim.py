@@ -1,5 +1,7 @@
 """Tests of the ddlr optax transformation against autodiff and a NumPy reference."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +9,7 @@ import optax
 import pytest
 
 from ddlr import alignment as alignment_lib
-from ddlr import optim, reporting
+from ddlr import optim, optimizer_state, reporting
 
 NUM_INSTANCES = 10
 NUM_FEATURES = 5
@@ -247,12 +249,14 @@ def test_adam_preconditioner_matches_formula():
   base = optax.adam(0.1, b2=0.99, eps=1e-3)
   tx = optim.ddlr(base, num_instances=2, learning_rate=0.1, hyper_learning_rate=0.1)
   state = tx.init(params)
-  np.testing.assert_array_equal(optim.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], 1.0)
+  np.testing.assert_array_equal(
+    optimizer_state.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], 1.0
+  )
   grads = {"w": jnp.array([0.5, 3.0])}
   _, state = tx.update(grads, state, params, ids=jnp.array([0]), alignment=jnp.ones(1))
   expected = 1.0 / (np.abs([0.5, 3.0]) + 1e-3)  # nu_hat = g^2 after one step
   np.testing.assert_allclose(
-    optim.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], expected, rtol=1e-5
+    optimizer_state.adam_preconditioner(state, b2=0.99, eps=1e-3)["w"], expected, rtol=1e-5
   )
 
 
@@ -260,11 +264,18 @@ def test_adam_preconditioner_matches_formula():
   ("kwargs", "message"),
   [
     ({"num_instances": 0}, "num_instances must be a positive integer, got 0"),
-    ({"hyper_learning_rate": -1.0}, "hyper_learning_rate must be finite and >= 0.0, got -1.0"),
+    ({"hyper_learning_rate": -1.0}, "hyper_learning_rate must be a finite number >= 0.0, got -1.0"),
     ({"hyper_momentum": 1.0}, r"hyper_momentum must be in \[0, 1\), got 1.0"),
     ({"log_lr_min": 1.0, "log_lr_max": 0.0}, "log_lr_min must be below log_lr_max"),
     ({"hypergradient_scale": "l2"}, "hypergradient_scale must be one of"),
     ({"instance_rates": False}, "ddlr needs instance_rates=True or num_classes"),
+    ({"learning_rate": -0.1}, "learning_rate must be a finite number >= 0.0, got -0.1"),
+    ({"learning_rate": float("nan")}, "learning_rate must be a finite number >= 0.0, got nan"),
+    ({"learning_rate": "0.1"}, "learning_rate must be a finite number >= 0.0, got '0.1'"),
+    ({"log_lr_max": float("inf")}, "log_lr_max must be a finite number, got inf"),
+    ({"normalize": "yes"}, "normalize must be True or False, got 'yes'"),
+    ({"class_hyper_learning_rate": 0.01}, "class_hyper_learning_rate=0.01 is set but num_classes"),
+    ({"num_instances": 2**31}, "num_instances=2147483648 exceeds the int32 maximum"),
   ],
 )
 def test_invalid_hyperparameters_raise(kwargs, message):
@@ -288,7 +299,7 @@ def test_composes_with_chain_and_inject_hyperparams():
   injected = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)
   tx = optim.ddlr(injected, num_instances=4, learning_rate=0.1, hyper_learning_rate=0.1)
   state = tx.init(params)
-  assert optim.momentum_buffer(state)["w"].shape == (3,)
+  assert optimizer_state.momentum_buffer(state)["w"].shape == (3,)
 
 
 def test_accumulation_updates_every_micro_batch():
@@ -487,3 +498,90 @@ def test_logged_rate_quantiles_include_class_rates(instance_rates):
   np.testing.assert_allclose(stats["ddlr/rate_min"], np.exp(exponent.min()), rtol=1e-6)
   np.testing.assert_allclose(stats["ddlr/rate_median"], np.exp(np.median(exponent)), rtol=1e-6)
   np.testing.assert_allclose(stats["ddlr/rate_max"], np.exp(exponent.max()), rtol=1e-6)
+
+
+def _small_transformation(**kwargs):
+  arguments = {"num_instances": 4, "learning_rate": 0.1, "hyper_learning_rate": 1.0, **kwargs}
+  return optim.ddlr(optax.sgd(0.1), **arguments)
+
+
+def test_non_finite_alignment_raises_or_gives_nan():
+  tx = _small_transformation()
+  params, grads = {"w": jnp.ones(2)}, {"w": jnp.ones(2)}
+  state = tx.init(params)
+  ids = jnp.array([0, 1, 2])
+  for bad in (np.nan, np.inf):
+    with pytest.raises(ValueError, match=rf"alignment\[1\] is {bad}; every alignment must"):
+      tx.update(grads, state, params, ids=ids, alignment=jnp.array([1.0, bad, 2.0]))
+
+  new_state = jax.jit(
+    lambda alignment: tx.update(grads, state, params, ids=ids, alignment=alignment)
+  )(jnp.array([1.0, np.nan, 2.0]))[1]
+  # The centring term mixes the batch, so every rate of the batch is NaN; others are kept.
+  assert np.all(np.isnan(new_state.log_lr[:3]))
+  assert new_state.log_lr[3] == state.log_lr[3]
+
+
+def test_empty_batch_raises():
+  tx = _small_transformation()
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match="ids is empty; a batch needs at least one example"):
+    tx.update(
+      {"w": jnp.ones(2)}, tx.init(params), params, ids=jnp.zeros([0], jnp.int32),
+      alignment=jnp.zeros([0]),
+    )  # fmt: skip
+
+
+def test_state_of_other_size_raises():
+  params = {"w": jnp.ones(2)}
+  state = _small_transformation(num_instances=8).init(params)
+  tx = _small_transformation(num_instances=16)
+  with pytest.raises(ValueError, match=r"instance table has 8 rates, .* num_instances=16"):
+    tx.update({"w": jnp.ones(2)}, state, params, ids=jnp.array([0, 10]), alignment=jnp.ones(2))
+
+  state = _small_transformation(num_classes=3).init(params)
+  tx = _small_transformation(num_classes=5)
+  with pytest.raises(ValueError, match=r"class table has 3 rates, .* num_classes=5"):
+    tx.update(
+      {"w": jnp.ones(2)}, state, params, ids=jnp.array([0, 1]), alignment=jnp.ones(2),
+      labels=jnp.array([0, 4]),
+    )  # fmt: skip
+
+
+def test_raised_injected_momentum_raises():
+  factory = optax.inject_hyperparams(optim.ddlr, static_args=("num_instances",))
+  tx = factory(
+    base=optax.sgd(0.1), num_instances=4, learning_rate=0.1, hyper_learning_rate=1.0,
+    hyper_momentum=0.0,
+  )  # fmt: skip
+  params = {"w": jnp.ones(2)}
+  state = tx.init(params)
+  state.hyperparams["hyper_momentum"] = jnp.asarray(0.9)
+  with pytest.raises(ValueError, match=r"hyper_momentum was 0 when init ran"):
+    tx.update({"w": jnp.ones(2)}, state, params, ids=jnp.array([0, 1]), alignment=jnp.ones(2))
+
+
+@pytest.mark.parametrize("labels", [[0.0, 1.0], [True, False], [[0], [1]]])
+def test_labels_must_be_integer_batch(labels):
+  tx = _small_transformation(num_classes=3)
+  params = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"labels must be an integer array of the shape of ids"):
+    tx.update(
+      {"w": jnp.ones(2)}, tx.init(params), params, ids=jnp.array([0, 1]), alignment=jnp.ones(2),
+      labels=jnp.array(labels),
+    )  # fmt: skip
+
+
+def test_list_arguments_match_arrays():
+  tx = _small_transformation(num_classes=3)
+  params, grads = {"w": jnp.ones(2)}, {"w": jnp.ones(2)}
+  state = tx.init(params)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    from_lists = tx.update(grads, state, params, ids=[0, 1], alignment=[1.0, -1.0], labels=[0, 2])
+  from_arrays = tx.update(
+    grads, state, params, ids=jnp.array([0, 1]), alignment=jnp.array([1.0, -1.0]),
+    labels=jnp.array([0, 2]),
+  )  # fmt: skip
+  for a, b in zip(jax.tree.leaves(from_lists), jax.tree.leaves(from_arrays), strict=True):
+    np.testing.assert_array_equal(a, b)
