@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddlr import alignment, baselines, losses, optim, references, steps
+from ddlr import alignment, baselines, losses, optim, optim_checks, references, steps
 from ddlr.data import augment, imagenet
 from ddlr.data import check_config as check_data_config
 from ddlr.models import MODELS, create_model
@@ -116,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, "ddlr.reference_at", references.REFERENCE_POINTS)
   _require_choice(config, "ddlr.split_batch_stats", steps.SPLIT_BATCH_STATS)
   _require_choice(config, "ddlr.alignment", alignment.ALIGNMENT_METHODS)
-  _require_choice(config, "ddlr.hypergradient_scale", optim.HYPERGRADIENT_SCALES)
+  _require_choice(config, "ddlr.hypergradient_scale", optim_checks.HYPERGRADIENT_SCALES)
   _require_range(config, "ddlr.reference_batch_size", 1, integer=True)
   _require_range(config, "ddlr.reference_every_steps", 1, integer=True)
   _check_small_loss(config)
