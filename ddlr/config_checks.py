@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddlr import alignment, baselines, losses, optim, optim_checks, references, steps
+from ddlr import alignment, baselines, losses, optim_checks, references, steps
 from ddlr.data import augment, imagenet
 from ddlr.data import check_config as check_data_config
 from ddlr.models import MODELS, create_model
