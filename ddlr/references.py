@@ -87,8 +87,14 @@ def compute_batch_alignment(
     direction = small_loss_reference(state, data, grads, ids, labels, rng, model, tx, settings)
   elif caches_reference(settings):
     direction = state.reference_direction
-  else:
+  elif settings.reference == "reference":
     direction = reference_gradient(state, data, grads, ids, labels, rng, model, tx, settings)
+  else:
+    # A name in REFERENCES without a branch here would otherwise score nothing.
+    raise ValueError(
+      f"reference {settings.reference!r} has no branch in compute_batch_alignment; "
+      f"expected one of {REFERENCES}."
+    )
   tangents = alignment_lib.stack_tangents(precondition(direction))
   return alignment_lib.compute_alignment(lin, tangents, method=settings.alignment)[0]
 

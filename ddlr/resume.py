@@ -1,12 +1,14 @@
 """A run's working directory: what a new run must check and move before it writes there.
 
-A workdir holds one run: `config.json`, `split_record.npz`, `checkpoints/`,
+A workdir contains one run: `config.json`, `split_record.npz`, `checkpoints/`,
 `metrics.jsonl` and, once the run finishes, its final outputs. A run that
 finds earlier files resumes the run they describe, or is rejected before it
 writes anything, so that no earlier result is overwritten or mixed with a
 different run's.
 """
 
+import contextlib
+import fcntl
 import filecmp
 import json
 import os
@@ -61,6 +63,52 @@ def make_workdir(workdir: str) -> None:
   os.makedirs(workdir, exist_ok=True)
   if not os.access(workdir, os.W_OK):
     raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
+
+
+# The file a run locks for as long as it uses its workdir.
+LOCK_NAME = "run.lock"
+
+
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """Holds an exclusive lock on `workdir/run.lock` while the block runs.
+
+  Two runs in one workdir would write into each other's checkpoints and
+  metrics. The lock is an advisory `flock`, which the system releases when
+  the process ends, even when it is killed, so no stale lock is left.
+
+  Raises:
+    ResumeError: if another process holds the lock.
+  """
+  path = os.path.join(workdir, LOCK_NAME)
+  with open(path, "a") as lock_file:
+    try:
+      fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ResumeError(
+        f"{workdir} is in use by another run, which has locked {path}; wait for it to end "
+        "or use another --workdir."
+      ) from None
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def read_summary(path: str) -> dict:
+  """Returns the summary of a finished run, read from its `summary.json` at `path`.
+
+  Raises:
+    ResumeError: if the file cannot be read or is not valid JSON.
+  """
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError) as error:
+    raise ResumeError(
+      f"{path} cannot be read ({describe_error(error)}), so the finished run's results are "
+      "unknown; move the file out of the workdir to write it again, or use a new --workdir."
+    ) from error
 
 
 def check_run_record(workdir: str) -> None:
@@ -287,10 +335,21 @@ def set_aside_final_outputs(
 
   Raises:
     ResumeError: if a file of that name is already there, so that no earlier
-      output is overwritten.
+      output is overwritten, or if final outputs are there without the
+      summary.json that gives their step.
   """
   summary_path = os.path.join(workdir, "summary.json")
-  if step >= total_steps or not os.path.exists(summary_path):
+  if step >= total_steps:
+    return
+  if not os.path.exists(summary_path):
+    # A run stopped while writing its final outputs writes summary.json last.
+    found = [name for name in FINAL_OUTPUTS if os.path.exists(os.path.join(workdir, name))]
+    if found:
+      raise ResumeError(
+        f"{workdir} has {', '.join(found)} but no summary.json, so the step these final "
+        "outputs describe is unknown and they cannot be set aside before the run trains "
+        "further; move them out of the workdir to resume."
+      )
     return
   try:
     with open(summary_path) as f:

@@ -159,9 +159,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Rerunning with the same workdir resumes from its latest checkpoint; for a
   finished run it reads and returns `summary.json`, writing nothing. Writes
-  to `workdir`: `config.json`, `split_record.npz`, `checkpoints/`,
+  to `workdir`: `run.lock`, `config.json`, `split_record.npz`, `checkpoints/`,
   `metrics.jsonl` and TensorBoard event files, and at the end `rates.npz`,
-  `rates_histogram.png` and `summary.json`.
+  `rates_histogram.png` and `summary.json`. The run holds a lock on
+  `run.lock` until it returns, so a second run in the same workdir stops at
+  once.
 
   Returns:
     The summary: last- and best-epoch test accuracy, rate statistics, AUROC of
@@ -175,6 +177,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate_config(config)
   resume.make_workdir(workdir)
+  with resume.hold_workdir(workdir):
+    return _train_and_evaluate_in(config, workdir)
+
+
+def _train_and_evaluate_in(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs `train_and_evaluate` in a workdir that this process holds."""
   logging.info("Config:\n%s", config)
   if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
     # Before the manager creates the directory, so a rejected workdir stays as it was.
@@ -199,8 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       summary_path = os.path.join(workdir, "summary.json")
       if int(state.step) == run.total_steps and os.path.exists(summary_path):
         logging.info("The run has finished all %d steps; see %s.", run.total_steps, summary_path)
-        with open(summary_path) as f:
-          return json.load(f)
+        return resume.read_summary(summary_path)
       resume.set_aside_final_outputs(workdir, int(state.step), run.total_steps, run.steps_per_epoch)
       resume.log_config_changes(changed)
     elif os.path.exists(metrics_path):

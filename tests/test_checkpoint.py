@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ddlr import checkpoint, interrupts, reporting, train
+from ddlr import checkpoint, interrupts, reporting, resume, train
 from ddlr import data as data_lib
 from experiments import sweep
 from tests.run_helpers import MOCK_EXAMPLES, latest_state, run_on_mock, tiny_config
@@ -243,6 +243,24 @@ def test_damaged_array_data_is_rejected(tmp_path):
     checkpoint.ResumeError, match=r"checkpoints/4 does not match .* or is damaged"
   ):
     run_on_mock(_config(), tmp_path)
+
+
+def test_run_in_held_workdir_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  before = {path.name: path.read_bytes() for path in workdir.iterdir() if path.is_file()}
+  with resume.hold_workdir(str(workdir)):
+    with pytest.raises(checkpoint.ResumeError, match=r"is in use by another run"):
+      run_on_mock(_config(**{"train.num_epochs": 3}), workdir)
+  assert {path.name: path.read_bytes() for path in workdir.iterdir() if path.is_file()} == before
+
+
+def test_damaged_summary_of_finished_run_is_rejected(finished_run, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(finished_run[0], workdir)
+  (workdir / "summary.json").write_text("{")
+  with pytest.raises(checkpoint.ResumeError, match=r"summary.json cannot be read"):
+    run_on_mock(_config(), workdir)
 
 
 def test_unreadable_saved_config_is_rejected(finished_run, tmp_path):

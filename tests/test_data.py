@@ -434,6 +434,23 @@ def test_idx_config_rejects_dataset_without_reader(tmp_path, dataset_without_rea
   assert str(raised.value) == f"invalid config.data: {NO_READER_MESSAGE}"
 
 
+def test_catalog_name_unknown_to_tfds(tmp_path, monkeypatch):
+  spec = catalog.DatasetSpec("not_a_tfds_dataset", 10, (8, 8, 1), (0.5,), (0.25,))
+  monkeypatch.setitem(catalog._SPECS, spec.name, spec)
+  with pytest.raises(data_lib.DataError) as raised:
+    data_lib.load_split(spec.name, "train", source="tfds", data_dir=str(tmp_path), manual_dir=None)
+  assert str(raised.value) == (
+    "tfds has no dataset named 'not_a_tfds_dataset', which ddlr/data/catalog.py lists; use the "
+    "tfds name in the catalog, or source='idx' with a raw-file reader for it"
+  )
+
+
+def test_idx_dataset_needs_class_names(mnist_dir, monkeypatch):
+  monkeypatch.delitem(catalog.IDX_CLASS_NAMES, "mnist")
+  with pytest.raises(data_lib.DataError, match=r"none for 'mnist' in IDX_CLASS_NAMES"):
+    data_lib.load_split("mnist", "train", source="idx", data_dir=None, manual_dir=mnist_dir[0])
+
+
 @pytest.mark.parametrize("name", ["fashion_mnist", "cifar10"])
 def test_unprepared_tfds_dataset_explains_fix(tmp_path, name):
   with pytest.raises(

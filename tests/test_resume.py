@@ -89,3 +89,31 @@ def test_set_aside_accepts_own_config_copy(tmp_path):
   (tmp_path / "config_step8.json").write_text('{"epochs": 1}')
   with pytest.raises(checkpoint.ResumeError, match=r"config_step8.json, which already exists"):
     resume.set_aside_final_outputs(str(tmp_path), step=8, total_steps=12, steps_per_epoch=4)
+
+
+def test_set_aside_needs_summary(tmp_path):
+  # A run stopped while writing its final outputs, before summary.json.
+  (tmp_path / "rates.npz").write_bytes(b"rates")
+  with pytest.raises(checkpoint.ResumeError, match=r"has rates.npz but no summary.json"):
+    resume.set_aside_final_outputs(str(tmp_path), step=8, total_steps=12, steps_per_epoch=4)
+  assert (tmp_path / "rates.npz").read_bytes() == b"rates"
+  # At the end of the run the outputs are written again, so nothing needs setting aside.
+  resume.set_aside_final_outputs(str(tmp_path), step=12, total_steps=12, steps_per_epoch=4)
+  assert (tmp_path / "rates.npz").read_bytes() == b"rates"
+
+
+def test_damaged_summary_is_rejected(tmp_path):
+  path = tmp_path / "summary.json"
+  path.write_text('{"test_accuracy_per_epoch": [0.5')
+  with pytest.raises(checkpoint.ResumeError, match=r"summary.json cannot be read"):
+    resume.read_summary(str(path))
+
+
+def test_held_workdir_rejects_second_holder(tmp_path):
+  with resume.hold_workdir(str(tmp_path)):
+    with pytest.raises(checkpoint.ResumeError, match=r"is in use by another run"):
+      with resume.hold_workdir(str(tmp_path)):
+        pass
+  # Released at the end of the block.
+  with resume.hold_workdir(str(tmp_path)):
+    pass

@@ -489,3 +489,11 @@ def test_split_rejects_batch_of_one(reference, batch_norm):
   with pytest.raises(ValueError) as raised:
     step(state, data, jnp.array([3]))
   assert str(raised.value) == expected
+
+
+def test_reference_without_branch_raises():
+  model, data, params = _setup()
+  tx, state, settings = _state(model, params, "negative_momentum")
+  step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+  with pytest.raises(ValueError, match=r"reference 'negative_momentum' has no branch"):
+    step(state, data, SPLIT_IDS)

@@ -70,6 +70,9 @@ FASHION_MNIST_CLASS_NAMES = (
   "Bag",
   "Ankle boot",
 )
+# The class names of each dataset that source='idx' reads from IDX files,
+# which hold only label numbers.
+IDX_CLASS_NAMES = {"mnist": MNIST_CLASS_NAMES, "fashion_mnist": FASHION_MNIST_CLASS_NAMES}
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -104,7 +104,14 @@ def _load_tfds_split(
   manual_dir: str | None,
   max_examples: int | None,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  builder = tfds.builder(name, data_dir=data_dir)
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.registered.DatasetNotFoundError as error:
+    # Its message lists every tfds dataset, over 600 lines.
+    raise DataError(
+      f"tfds has no dataset named {name!r}, which ddlr/data/catalog.py lists; use the tfds "
+      "name in the catalog, or source='idx' with a raw-file reader for it"
+    ) from error
   if name == "fashion_mnist" and manual_dir is not None and not builder.is_prepared():
     # manual_dir is only read, and so only checked, when the dataset needs preparing.
     check_directory("manual_dir", manual_dir)
@@ -187,10 +194,12 @@ def _load_raw_split(
     )
   if name in raw_files.IDX_DATASETS:
     images, labels = raw_files.read_idx_split(name, split, manual_dir)
-    if name == "mnist":
-      class_names = list(catalog.MNIST_CLASS_NAMES)
-    else:
-      class_names = list(catalog.FASHION_MNIST_CLASS_NAMES)
+    if name not in catalog.IDX_CLASS_NAMES:
+      raise DataError(
+        f"IDX files hold no class names, and ddlr/data/catalog.py has none for {name!r} in "
+        "IDX_CLASS_NAMES; add them there"
+      )
+    class_names = list(catalog.IDX_CLASS_NAMES[name])
   else:
     images, labels, class_names = raw_files.read_cifar_split(name, split, manual_dir)
 

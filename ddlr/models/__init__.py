@@ -55,8 +55,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modu
   if unknown:
     raise ValueError(
       f"{config.name} does not take the field {', '.join(unknown)} of config.model; its "
-      f"arguments are {', '.join(sorted(accepted))}. Select the model with the `model` argument "
-      "of configs/fashion_mnist.py, configs/cifar.py or configs/imagenet.py, whose model "
-      "sections set only those."
+      f"arguments are {', '.join(sorted(accepted))}. Use a config whose model section sets "
+      "only those (README.md, section Extending), or the `model` argument of "
+      "configs/fashion_mnist.py, configs/cifar.py or configs/imagenet.py for the models it lists."
     )
   return MODELS[config.name](num_classes=num_classes, **kwargs)
