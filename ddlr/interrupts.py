@@ -8,8 +8,13 @@ so both signals take the same path.
 """
 
 import contextlib
+import os
 import signal
+import sys
 import threading
+from typing import NoReturn
+
+from absl import logging
 
 
 class Terminated(KeyboardInterrupt):
@@ -60,3 +65,18 @@ def exit_status(interrupt: KeyboardInterrupt) -> int:
   """
   signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
   return 128 + signum
+
+
+def exit_after_interrupt(interrupt: KeyboardInterrupt) -> NoReturn:
+  """Ends the process at once with `exit_status(interrupt)`, after flushing output and logs.
+
+  Call it only once every file the program writes is closed. An interrupt can
+  stop the program while XLA or TensorFlow threads are still compiling or
+  reading data, and the interpreter's shutdown then crashed with a
+  segmentation fault (status 139) in some runs on a CPU (jax 0.10.2,
+  tensorflow 2.21). `os._exit` skips that shutdown.
+  """
+  sys.stdout.flush()
+  sys.stderr.flush()
+  logging.flush()
+  os._exit(exit_status(interrupt))

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> None:
     cli.exit_with_error(error)
   except KeyboardInterrupt as interrupt:
     print(f"interrupted; {_resume_hint(FLAGS.workdir)}", file=sys.stderr)
-    sys.exit(interrupts.exit_status(interrupt))
+    # train_and_evaluate has closed its checkpoints and metric files by now.
+    interrupts.exit_after_interrupt(interrupt)
   if not summary["completed"]:
     print(
       f"stopped after step {summary['step']} of {summary['total_steps']} as "
