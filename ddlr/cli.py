@@ -1,8 +1,9 @@
 """Command-line handling shared by `ddlr.main` and the scripts in experiments/.
 
-A bad flag, config file or config override, a positional argument, and every
-error in `RUN_ERRORS` end the program with one `error:` line on standard error
-and exit status 1 instead of a traceback or a usage message.
+A bad flag, config file or config override, a positional argument, an empty
+`--workdir` or list flag, and every error in `RUN_ERRORS` end the program with
+one `error:` line on standard error and exit status 1 instead of a traceback or
+a usage message.
 """
 
 import importlib.util
@@ -107,10 +108,52 @@ def define_config_flag(default: str, help_string: str) -> None:
     exit_with_error(_unknown_override(argv) or f"cannot load the config {default}: {error}")
 
 
+def check_flag_values(flag_values: flags.FlagValues = FLAGS) -> None:
+  """Ends the program with one error line for an empty `--workdir` or an empty list flag.
+
+  A workdir of "" or blanks would put the runs in the current directory. A
+  list flag given on the command line with no value, or with an empty entry
+  (`--seeds=0,,1`), is rejected too, because an empty value is not the same
+  as leaving the flag out, which selects its default.
+  """
+  workdir = flag_values["workdir"].value if "workdir" in flag_values else None
+  if workdir is not None and not workdir.strip():
+    exit_with_error("--workdir is empty; give the directory for the run's outputs.")
+  for name in list(flag_values):
+    flag = flag_values[name]
+    # Skip the short-name aliases, which are listed beside the full names.
+    if flag.name != name or not flag.present or not isinstance(flag.parser, flags.BaseListParser):
+      continue
+    message = empty_list_flag_message(name, flag.value, flag.default)
+    if message is not None:
+      exit_with_error(message)
+
+
+def empty_list_flag_message(name: str, values: list[str], default: list[str] | None) -> str | None:
+  """Returns the error for a list flag `--name` whose `values` are empty or have an empty entry.
+
+  Returns None when every entry has text.
+  """
+  if default:
+    fallback = f"leave the flag out for its default --{name}={','.join(default)}"
+  else:
+    fallback = "leave the flag out for its default"
+  if not any(value.strip() for value in values):
+    return f"--{name} is empty; give at least one value, or {fallback}."
+  if not all(value.strip() for value in values):
+    joined = ",".join(values)
+    return (
+      f"--{name}={joined} has an empty entry; separate the values with single commas, "
+      f"e.g. --{name}={','.join(value for value in values if value.strip())}."
+    )
+  return None
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the command line, turning a bad flag, config file or override into one error line.
 
-  The programs take flags only, so a positional argument is an error too.
+  The programs take flags only, so a positional argument is an error too, and
+  so are the empty values that `check_flag_values` rejects.
   """
   try:
     remaining = FLAGS(argv)
@@ -121,6 +164,7 @@ def parse_flags(argv: list[str]) -> list[str]:
         f"unexpected positional argument{plural} {extra}; the program takes only flags "
         "(--name=value, see --help)."
       )
+    check_flag_values()
     # The config file is loaded lazily; loading it here reports a missing or
     # broken file before any work starts.
     if "config" in FLAGS and FLAGS.config is not None:

@@ -66,7 +66,9 @@ def define_flags() -> None:
   """
   flags.DEFINE_string("workdir", None, "Directory that receives one subdirectory per run.")
   flags.DEFINE_string("dataset", "cifar10", f"One of {', '.join(paper_configs.DATASETS)}.")
-  flags.DEFINE_list("models", [], "Architectures to compare; empty for every model of the dataset.")
+  flags.DEFINE_list(
+    "models", [], "Architectures to compare; every model of the dataset when left out."
+  )
   flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
   flags.DEFINE_bool("small", False, "Use the configs' `small` size, a run of seconds on a CPU.")
   flags.mark_flags_as_required(["workdir"])

@@ -5,16 +5,23 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
 
 from configs import default
+from ddlr import cli
 from experiments import architectures, noisy_labels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run_script(module, *arguments):
+def _run_script(module, *arguments, cwd=REPO):
+  """Runs `python -m experiments.<module>` in `cwd`, importable from the repository either way."""
   command = [sys.executable, "-m", f"experiments.{module}", *arguments]
-  return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+  env = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+  }
+  return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
 def _error_lines(stderr: str) -> list[str]:
@@ -107,3 +114,95 @@ def test_repeated_list_entries_raise():
     architectures.architecture_rows("cifar10", ["resnet18", "vgg16_bn", "resnet18"], small=True)
   with pytest.raises(ValueError, match="--settings lists symmetric:0.4 more than once"):
     noisy_labels.noise_rows("fashion_mnist", "small_cnn", ["symmetric:0.4", "symmetric:0.40"], True)
+
+
+@pytest.mark.parametrize(
+  ("module", "arguments"),
+  [
+    ("noisy_labels", ["--dataset=fashion_mnist", "--small", "--workdir="]),
+    # Run outside the repository, so the default config file is missing too.
+    ("hessian_spectrum", ["--small", "--workdir=  "]),
+    ("uniform_vs_ddlr", ["--config=configs/default.py:quick", "--workdir="]),
+  ],
+)
+def test_empty_workdir_prints_error_line(tmp_path, module, arguments):
+  result = _run_script(module, *arguments, cwd=tmp_path)
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line == "error: --workdir is empty; give the directory for the run's outputs."
+  assert "Traceback" not in result.stderr
+  assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+  ("module", "arguments", "message"),
+  [
+    (
+      "noisy_comparison",
+      ["--size=smoke", "--settings="],
+      "error: --settings is empty; give at least one value, or leave the flag out for its "
+      "default --settings=symmetric40,symmetric60,pairflip40.",
+    ),
+    (
+      "personalisation",
+      ["--config=configs/personalisation.py:quick", "--methods="],
+      "error: --methods is empty; give at least one value, or leave the flag out for its default.",
+    ),
+  ],
+)
+def test_empty_list_flag_prints_error_line(tmp_path, module, arguments, message):
+  result = _run_script(module, f"--workdir={tmp_path / 'sweep'}", *arguments)
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line == message
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "sweep").exists()
+
+
+def _flag_values(*arguments):
+  flag_values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Output directory.", flag_values=flag_values)
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds.", flag_values=flag_values)
+  flags.DEFINE_list("models", [], "Models.", flag_values=flag_values)
+  flag_values(["program", *arguments])
+  return flag_values
+
+
+@pytest.mark.parametrize(
+  ("arguments", "message"),
+  [
+    (["--workdir="], "error: --workdir is empty; give the directory for the run's outputs."),
+    (["--workdir=\t "], "error: --workdir is empty; give the directory for the run's outputs."),
+    (
+      ["--seeds="],
+      "error: --seeds is empty; give at least one value, or leave the flag out for its "
+      "default --seeds=0,1.",
+    ),
+    (
+      ["--seeds= "],
+      "error: --seeds is empty; give at least one value, or leave the flag out for its "
+      "default --seeds=0,1.",
+    ),
+    (
+      ["--models=,"],
+      "error: --models is empty; give at least one value, or leave the flag out for its default.",
+    ),
+    (
+      ["--seeds=0,,1"],
+      "error: --seeds=0,,1 has an empty entry; separate the values with single commas, "
+      "e.g. --seeds=0,1.",
+    ),
+  ],
+)
+def test_check_flag_values_rejects_empty(capsys, arguments, message):
+  flag_values = _flag_values(*arguments)
+  with pytest.raises(SystemExit) as exit_info:
+    cli.check_flag_values(flag_values)
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err == message + "\n"
+
+
+def test_check_flag_values_accepts_defaults_and_values(capsys):
+  cli.check_flag_values(_flag_values())
+  cli.check_flag_values(_flag_values("--workdir=runs/a", "--seeds=3", "--models=small_cnn"))
+  assert capsys.readouterr().err == ""
