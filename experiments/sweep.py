@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from ddlr import checkpoint, resume, train
 from ddlr import data as data_lib
-from ddlr import resume, train
 from ddlr.config_checks import check_reference_batches, reference_batch_source, validate_config
 
 # (summary key, column title) of the default table.
@@ -100,13 +100,13 @@ def run_or_load(config, workdir: str) -> dict:
 
   Raises:
     checkpoint.ResumeError: the finished run was trained with a different
-      method, model or data, so it is neither reused nor overwritten.
+      method, model or data, so it is neither reused nor overwritten; or its
+      `summary.json` cannot be read.
   """
   summary_path = os.path.join(workdir, "summary.json")
   if is_reused(config, workdir):
     logging.info("Reusing the finished run in %s.", workdir)
-    with open(summary_path) as f:
-      return json.load(f)
+    return read_summary(summary_path)
   if os.path.exists(summary_path):
     config_path = os.path.join(workdir, "config.json")
     changed = resume.config_differences(config_path, config)
@@ -117,6 +117,33 @@ def run_or_load(config, workdir: str) -> dict:
       ", ".join(sorted(changed)),
     )
   return train.train_and_evaluate(config, workdir)
+
+
+def read_summary(path: str) -> dict:
+  """Returns the summary of a finished run, read from its `summary.json` at `path`.
+
+  Raises:
+    checkpoint.ResumeError: the file cannot be read, is not valid JSON or
+      does not contain a JSON object.
+  """
+  run_dir = os.path.dirname(path) or "."
+  remedy = (
+    f"move it out of {run_dir} so that the run resumes from its last checkpoint and writes "
+    "it again, or remove that run folder to train the run again"
+  )
+  try:
+    with open(path) as f:
+      summary = json.load(f)
+  except (OSError, ValueError) as error:
+    raise checkpoint.ResumeError(
+      f"the summary {path} of a finished run cannot be read ({checkpoint.describe_error(error)}); "
+      f"{remedy}."
+    ) from error
+  if not isinstance(summary, dict):
+    raise checkpoint.ResumeError(
+      f"the summary {path} of a finished run is not a JSON object; {remedy}."
+    )
+  return summary
 
 
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[str, list[dict]]:

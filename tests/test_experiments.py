@@ -40,6 +40,28 @@ def test_finished_run_with_other_method_raises(tmp_path):
   assert json.loads((tmp_path / "summary.json").read_text()) == {"auroc": 0.5}
 
 
+@pytest.mark.parametrize(
+  ("text", "problem"),
+  [
+    ('{"auroc": 0.', "cannot be read (Expecting ',' delimiter: line 1 column 12 (char 11))"),
+    ("[0.5]", "is not a JSON object"),
+  ],
+)
+def test_damaged_summary_raises_resume_error(tmp_path, text, problem):
+  config = default.get_config("quick")
+  _finished_run(tmp_path, config, {})
+  summary_path = tmp_path / "summary.json"
+  summary_path.write_text(text)
+  with pytest.raises(checkpoint.ResumeError) as error_info:
+    sweep.run_or_load(config, str(tmp_path))
+  assert str(error_info.value) == (
+    f"the summary {summary_path} of a finished run {problem}; move it out of {tmp_path} so "
+    "that the run resumes from its last checkpoint and writes it again, or remove that run "
+    "folder to train the run again."
+  )
+  assert summary_path.read_text() == text
+
+
 def test_uniform_run_reused_after_ddlr_change(tmp_path):
   config = default.get_config("quick")
   config.ddlr.enabled = False
