@@ -100,8 +100,8 @@ def run_or_load(config, workdir: str) -> dict:
 
   Raises:
     checkpoint.ResumeError: the finished run was trained with a different
-      method, model or data, so it is neither reused nor overwritten; or its
-      `summary.json` cannot be read.
+      method, model or data, or for more epochs than `config`, so it is
+      neither reused nor overwritten; or its `summary.json` cannot be read.
   """
   summary_path = os.path.join(workdir, "summary.json")
   if is_reused(config, workdir):
@@ -111,6 +111,7 @@ def run_or_load(config, workdir: str) -> dict:
     config_path = os.path.join(workdir, "config.json")
     changed = resume.config_differences(config_path, config)
     resume.check_resumable_config(config_path, config)
+    _check_fewer_epochs(workdir, changed)
     logging.info(
       "The finished run in %s differs from this sweep's config in %s; resuming it.",
       workdir,
@@ -144,6 +145,23 @@ def read_summary(path: str) -> dict:
       f"the summary {path} of a finished run is not a JSON object; {remedy}."
     )
   return summary
+
+
+def _check_fewer_epochs(workdir: str, changed: dict) -> None:
+  """Raises ResumeError when the finished run in `workdir` has more epochs than requested.
+
+  Its last checkpoint lies past the end of the shorter run, so the run can be
+  neither reused nor resumed. `changed` is `resume.config_differences`.
+  """
+  if "train.num_epochs" not in changed:
+    return
+  saved, requested = changed["train.num_epochs"]
+  if isinstance(saved, int) and saved > requested:
+    raise checkpoint.ResumeError(
+      f"{workdir} contains a finished run with config.train.num_epochs={saved}, more than the "
+      f"{requested} requested, so it can be neither reused nor resumed; request at least "
+      f"{saved} epochs, or remove that run folder to train the run again."
+    )
 
 
 def run_rows(rows: Sequence[Row], seeds: Sequence[int], workdir: str) -> dict[str, list[dict]]:
@@ -395,7 +413,8 @@ def write_and_print(
   path = write_table(workdir, text, name)
   print(table)
   if incomplete:
-    print(f"partial table, with {len(incomplete)} incomplete runs, written to {path}")
+    runs = "run" if len(incomplete) == 1 else "runs"
+    print(f"partial table, with {len(incomplete)} incomplete {runs}, written to {path}")
   else:
     print(f"table written to {path}")
   return path

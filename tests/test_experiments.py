@@ -62,6 +62,32 @@ def test_damaged_summary_raises_resume_error(tmp_path, text, problem):
   assert summary_path.read_text() == text
 
 
+def test_finished_run_with_more_epochs_raises(tmp_path):
+  config = tiny_config(**{"train.num_epochs": 3})
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  config.train.num_epochs = 2
+  # Mocked data keeps a call to train_and_evaluate, which this check must precede, offline.
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    with pytest.raises(checkpoint.ResumeError) as error_info:
+      sweep.run_or_load(config, str(tmp_path))
+  assert str(error_info.value) == (
+    f"{tmp_path} contains a finished run with config.train.num_epochs=3, more than the 2 "
+    "requested, so it can be neither reused nor resumed; request at least 3 epochs, or "
+    "remove that run folder to train the run again."
+  )
+  assert json.loads((tmp_path / "summary.json").read_text()) == {"auroc": 0.5}
+
+
+@pytest.mark.parametrize(("count", "words"), [(1, "1 incomplete run,"), (2, "2 incomplete runs,")])
+def test_write_and_print_counts_incomplete_runs(tmp_path, capsys, count, words):
+  incomplete = [
+    sweep.IncompleteRun("ddlr", seed, f"ddlr_seed{seed}", 1, 2) for seed in range(count)
+  ]
+  path = sweep.write_and_print(str(tmp_path), "| table |\n", incomplete, num_runs=4)
+  printed = capsys.readouterr().out
+  assert printed.endswith(f"partial table, with {words} written to {path}\n")
+
+
 def test_uniform_run_reused_after_ddlr_change(tmp_path):
   config = default.get_config("quick")
   config.ddlr.enabled = False
