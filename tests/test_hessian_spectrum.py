@@ -204,11 +204,69 @@ def test_format_epochs_joins_consecutive_runs():
 
 
 def test_spectrum_record_with_other_settings_raises(tmp_path):
-  (tmp_path / "hessian_spectrum.json").write_text(
-    json.dumps({"settings": {**SETTINGS.__dict__, "top_k": 5}, "points": []})
+  path = tmp_path / "hessian_spectrum.json"
+  settings = {**SETTINGS.__dict__, "classes": [0, 1], "top_k": 5, "sample_seed": 2}
+  path.write_text(json.dumps({"settings": settings, "dataset": "cifar10", "points": []}))
+  message = (
+    f"{path} was written with other settings or data: settings.sample_seed: 2 in the record, "
+    "0 now; settings.top_k: 5 in the record, 3 now; dataset: 'cifar10' in the record, "
+    "'fashion_mnist' now. Use a new --workdir, or the flags and config of that run."
   )
-  with pytest.raises(ConfigError, match="was written with a different value of 'settings' "):
-    hessian_spectrum.load_record(str(tmp_path / "hessian_spectrum.json"), SETTINGS, {})
+  with pytest.raises(ConfigError) as error_info:
+    hessian_spectrum.load_record(str(path), SETTINGS, {"dataset": "fashion_mnist"})
+  assert str(error_info.value) == message
+
+
+def test_spectrum_record_difference_shortens_lists(tmp_path):
+  path = tmp_path / "hessian_spectrum.json"
+  settings = json.loads(json.dumps(SETTINGS.__dict__))
+  path.write_text(json.dumps({"settings": settings, "sample_ids": {"0": list(range(100))}}))
+  with pytest.raises(ConfigError) as error_info:
+    hessian_spectrum.load_record(str(path), SETTINGS, {"sample_ids": {"0": list(range(1, 101))}})
+  assert str(error_info.value) == (
+    f"{path} was written with other settings or data: sample_ids.0: [0, 1, 2, 3, 4, 5, ...] "
+    "in the record, [1, 2, 3, 4, 5, 6, ...] now. Use a new --workdir, or the flags and config "
+    "of that run."
+  )
+
+
+def test_rerun_with_other_num_epochs_raises(tmp_path, monkeypatch):
+  workdir = str(tmp_path)
+  record_path = tmp_path / "hessian_spectrum.json"
+  config = _tiny_config()
+  with tfds.testing.mock_data(num_examples=100):
+    first = hessian_spectrum.run(config, workdir, ["1"], SETTINGS)
+    assert first["num_epochs"] == 2
+    recorded = record_path.read_text()
+
+    monkeypatch.setattr(train, "train_and_evaluate", _fail)
+    monkeypatch.setattr(hessian, "top_hessian_eigenvalues", _fail)
+    config.train.num_epochs = 3
+    with pytest.raises(ConfigError) as error_info:
+      hessian_spectrum.run(config, workdir, ["1"], SETTINGS)
+    assert str(error_info.value) == (
+      f"config.train.num_epochs=3 is invalid for {record_path}, whose spectra were computed "
+      f"with train.num_epochs=2 (from {record_path}); the learning-rate schedule depends on "
+      "it, so the spectra would mix two schedules. Use a new --workdir, or "
+      "--config.train.num_epochs=2."
+    )
+    assert record_path.read_text() == recorded
+
+    # A record written before it stored num_epochs is checked against the
+    # training run's config.json.
+    old_record = {key: value for key, value in first.items() if key != "num_epochs"}
+    record_path.write_text(json.dumps(old_record))
+    config_path = tmp_path / "train" / "config.json"
+    with pytest.raises(ConfigError) as error_info:
+      hessian_spectrum.run(config, workdir, ["1"], SETTINGS)
+    assert f"with train.num_epochs=2 (from {config_path});" in str(error_info.value)
+
+    # Without that file the old record is accepted, and with the same value too.
+    config.train.num_epochs = 2
+    assert hessian_spectrum.run(config, workdir, ["1"], SETTINGS) == old_record
+    config_path.rename(tmp_path / "config.json.moved")
+    config.train.num_epochs = 3
+    assert hessian_spectrum.run(config, workdir, ["1"], SETTINGS) == old_record
 
 
 def test_stop_after_steps_in_config_raises(tmp_path):
