@@ -24,7 +24,7 @@ epoch that ended before the latest checkpoint and whose checkpoint was
 deleted (`config.checkpoint.max_to_keep`) cannot be added later: the rerun
 stops with an error before it trains or writes anything. So does a rerun
 with another `config.train.num_epochs` once spectra are recorded, because the
-learning-rate schedule depends on it; the record stores it as `num_epochs`.
+learning-rate schedule depends on it. The record stores it as `num_epochs`.
 Training stops after the last requested epoch, even before num_epochs. The
 outputs `hessian_spectrum.png` and `hessian_spectrum.md` are rewritten from
 the JSON at the end of every run.
@@ -134,7 +134,7 @@ def load_record(path: str, settings: SpectrumSettings, header: dict) -> dict:
   """Returns the spectrum record in `path`, or a new one when there is none.
 
   Every value of `header` must equal the record's, except `num_epochs`, which
-  records written before it was stored lack; `check_num_epochs` checks it.
+  `check_num_epochs` checks because records written before it was stored lack it.
 
   Raises:
     ConfigError: if the record was written with different settings or data,
@@ -406,7 +406,7 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   header = {
     "dataset": config.data.name,
     "model": config.model.name,
-    # The learning-rate schedule depends on it; see check_num_epochs.
+    # The learning-rate schedule depends on it, so check_num_epochs compares it on a rerun.
     "num_epochs": config.train.num_epochs,
     "class_names": {str(c): data.class_names[c] for c in settings.classes},
     "sample_ids": {str(c): ids.tolist() for c, ids in samples.items()},

@@ -101,7 +101,7 @@ def run_or_load(config, workdir: str) -> dict:
   Raises:
     checkpoint.ResumeError: the finished run was trained with a different
       method, model or data, or for more epochs than `config`, so it is
-      neither reused nor overwritten; or its `summary.json` cannot be read.
+      neither reused nor overwritten, or its `summary.json` cannot be read.
   """
   summary_path = os.path.join(workdir, "summary.json")
   if is_reused(config, workdir):
