@@ -209,6 +209,7 @@ def run(main: Callable[[list[str]], None]) -> None:
         "others from their latest checkpoints.",
         file=sys.stderr,
       )
-      sys.exit(interrupts.exit_status(interrupt))
+      # Each run's checkpoints and metric files are closed by now.
+      interrupts.exit_after_interrupt(interrupt)
 
   app.run(main_with_error_line, flags_parser=parse_flags)

@@ -99,16 +99,24 @@ def read_summary(path: str) -> dict:
   """Returns the summary of a finished run, read from its `summary.json` at `path`.
 
   Raises:
-    ResumeError: if the file cannot be read or is not valid JSON.
+    ResumeError: if the file cannot be read, is not valid JSON or does not
+      contain a JSON object.
   """
+  run_dir = os.path.dirname(path) or "."
+  remedy = (
+    f"move it out of {run_dir} so that the run resumes from its last checkpoint and writes "
+    "it again, or remove that run folder to train the run again"
+  )
   try:
     with open(path) as f:
-      return json.load(f)
+      summary = json.load(f)
   except (OSError, ValueError) as error:
     raise ResumeError(
-      f"{path} cannot be read ({describe_error(error)}), so the finished run's results are "
-      "unknown; move the file out of the workdir to write it again, or use a new --workdir."
+      f"the summary {path} of a finished run cannot be read ({describe_error(error)}); {remedy}."
     ) from error
+  if not isinstance(summary, dict):
+    raise ResumeError(f"the summary {path} of a finished run is not a JSON object; {remedy}.")
+  return summary
 
 
 def check_run_record(workdir: str) -> None:

@@ -33,7 +33,6 @@ the JSON at the end of every run.
 import dataclasses
 import json
 import os
-import reprlib
 import sys
 import time
 
@@ -46,7 +45,7 @@ from ddlr import checkpoint, cli, hessian, reporting, resume, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError, validate_config
 from ddlr.models import create_model
-from experiments import hessian_report
+from experiments import hessian_record, hessian_report
 
 FLAGS = flags.FLAGS
 
@@ -127,94 +126,6 @@ def check_settings(settings: SpectrumSettings, num_classes: int) -> None:
     raise ConfigError(
       f"--num_iterations={settings.num_iterations} is invalid; expected at least --top_k="
       f"{settings.top_k}, since Lanczos finds at most one eigenvalue per iteration."
-    )
-
-
-def load_record(path: str, settings: SpectrumSettings, header: dict) -> dict:
-  """Returns the spectrum record in `path`, or a new one when there is none.
-
-  Every value of `header` must equal the record's, except `num_epochs`, which
-  `check_num_epochs` checks because records written before it was stored lack it.
-
-  Raises:
-    ConfigError: if the record was written with different settings or data,
-      naming each field that differs with both values.
-  """
-  expected = {"settings": dataclasses.asdict(settings), **header}
-  expected = json.loads(json.dumps(expected))  # tuples become lists, as in the file
-  if not os.path.exists(path):
-    return {**expected, "points": []}
-  with open(path) as f:
-    record = json.load(f)
-  differences = [
-    difference
-    for key, value in expected.items()
-    if key != "num_epochs"
-    for difference in _differences(key, record.get(key, _MISSING), value)
-  ]
-  if differences:
-    raise ConfigError(
-      f"{path} was written with other settings or data: {'; '.join(differences)}. Use a new "
-      "--workdir, or the flags and config of that run."
-    )
-  return record
-
-
-_MISSING = "<missing>"
-# Shortens the sample id lists and other long values in the messages of load_record.
-# Python 3.11's reprlib.Repr takes no keyword arguments, so the limits are set after.
-_SHORT_REPR = reprlib.Repr()
-_SHORT_REPR.maxlist = _SHORT_REPR.maxdict = 6
-_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
-
-
-def _differences(key: str, recorded, expected) -> list[str]:
-  """Returns "key: <recorded> in the record, <expected> now" for each field that differs.
-
-  Dicts are compared field by field, so the text names only the fields that differ.
-  """
-  if recorded == expected:
-    return []
-  if not (isinstance(recorded, dict) and isinstance(expected, dict)):
-    return [f"{key}: {_SHORT_REPR.repr(recorded)} in the record, {_SHORT_REPR.repr(expected)} now"]
-  differences = []
-  for field in sorted(set(recorded) | set(expected)):
-    differences += _differences(
-      f"{key}.{field}", recorded.get(field, _MISSING), expected.get(field, _MISSING)
-    )
-  return differences
-
-
-def check_num_epochs(record: dict, record_path: str, config, train_dir: str) -> None:
-  """Checks that the recorded spectra were computed under `config.train.num_epochs`.
-
-  The learning-rate schedule depends on train.num_epochs, so spectra from runs
-  with different values do not belong in one record. A record without the
-  `num_epochs` key was written before the record stored it. For such a record
-  the value saved with the training run (`train_dir/config.json`) is compared
-  instead, and without that file the record is accepted. A record without
-  points is always accepted.
-
-  Raises:
-    ConfigError: naming train.num_epochs with both values.
-    checkpoint.ResumeError: the training run's config.json cannot be read.
-  """
-  if not record["points"]:
-    return
-  requested = config.train.num_epochs
-  recorded, source = record.get("num_epochs"), record_path
-  if recorded is None:
-    config_path = os.path.join(train_dir, "config.json")
-    if not os.path.exists(config_path):
-      return
-    changed = resume.config_differences(config_path, config)
-    recorded, source = changed.get("train.num_epochs", (requested, None))[0], config_path
-  if recorded != requested:
-    raise ConfigError(
-      f"config.train.num_epochs={requested} is invalid for {record_path}, whose spectra were "
-      f"computed with train.num_epochs={recorded} (from {source}); the learning-rate schedule "
-      "depends on it, so the spectra would mix two schedules. Use a new --workdir, or "
-      f"--config.train.num_epochs={recorded}."
     )
 
 
@@ -406,7 +317,7 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   header = {
     "dataset": config.data.name,
     "model": config.model.name,
-    # The learning-rate schedule depends on it, so check_num_epochs compares it on a rerun.
+    # The learning-rate schedule depends on it, so hessian_record.check_num_epochs compares it.
     "num_epochs": config.train.num_epochs,
     "class_names": {str(c): data.class_names[c] for c in settings.classes},
     "sample_ids": {str(c): ids.tolist() for c, ids in samples.items()},
@@ -416,9 +327,9 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
       str(c): float(data.is_noisy[ids].mean()) for c, ids in samples.items()
     },
   }
-  record = load_record(record_path, settings, header)
+  record = hessian_record.load_record(record_path, settings, header)
   train_dir = os.path.join(workdir, "train")
-  check_num_epochs(record, record_path, config, train_dir)
+  hessian_record.check_num_epochs(record, record_path, config, train_dir)
   if not record["points"]:
     record["num_epochs"] = config.train.num_epochs
   recorded = {point["epoch"] for point in record["points"]}

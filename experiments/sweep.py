@@ -12,7 +12,6 @@ with a list of such runs, and `exit_if_incomplete` ends the program with
 """
 
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -106,7 +105,7 @@ def run_or_load(config, workdir: str) -> dict:
   summary_path = os.path.join(workdir, "summary.json")
   if is_reused(config, workdir):
     logging.info("Reusing the finished run in %s.", workdir)
-    return read_summary(summary_path)
+    return resume.read_summary(summary_path)
   if os.path.exists(summary_path):
     config_path = os.path.join(workdir, "config.json")
     changed = resume.config_differences(config_path, config)
@@ -118,33 +117,6 @@ def run_or_load(config, workdir: str) -> dict:
       ", ".join(sorted(changed)),
     )
   return train.train_and_evaluate(config, workdir)
-
-
-def read_summary(path: str) -> dict:
-  """Returns the summary of a finished run, read from its `summary.json` at `path`.
-
-  Raises:
-    checkpoint.ResumeError: the file cannot be read, is not valid JSON or
-      does not contain a JSON object.
-  """
-  run_dir = os.path.dirname(path) or "."
-  remedy = (
-    f"move it out of {run_dir} so that the run resumes from its last checkpoint and writes "
-    "it again, or remove that run folder to train the run again"
-  )
-  try:
-    with open(path) as f:
-      summary = json.load(f)
-  except (OSError, ValueError) as error:
-    raise checkpoint.ResumeError(
-      f"the summary {path} of a finished run cannot be read ({checkpoint.describe_error(error)}); "
-      f"{remedy}."
-    ) from error
-  if not isinstance(summary, dict):
-    raise checkpoint.ResumeError(
-      f"the summary {path} of a finished run is not a JSON object; {remedy}."
-    )
-  return summary
 
 
 def _check_fewer_epochs(workdir: str, changed: dict) -> None:

@@ -259,7 +259,7 @@ def test_damaged_summary_of_finished_run_is_rejected(finished_run, tmp_path):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
   (workdir / "summary.json").write_text("{")
-  with pytest.raises(checkpoint.ResumeError, match=r"summary.json cannot be read"):
+  with pytest.raises(checkpoint.ResumeError, match=r"of a finished run cannot be read"):
     run_on_mock(_config(), workdir)
 
 

@@ -13,7 +13,7 @@ from ddlr import checkpoint, hessian, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
 from ddlr.models import create_model
-from experiments import hessian_report, hessian_spectrum
+from experiments import hessian_record, hessian_report, hessian_spectrum
 
 SETTINGS = hessian_spectrum.SpectrumSettings(
   classes=(0, 1),
@@ -213,7 +213,7 @@ def test_spectrum_record_with_other_settings_raises(tmp_path):
     "'fashion_mnist' now. Use a new --workdir, or the flags and config of that run."
   )
   with pytest.raises(ConfigError) as error_info:
-    hessian_spectrum.load_record(str(path), SETTINGS, {"dataset": "fashion_mnist"})
+    hessian_record.load_record(str(path), SETTINGS, {"dataset": "fashion_mnist"})
   assert str(error_info.value) == message
 
 
@@ -222,7 +222,7 @@ def test_spectrum_record_difference_shortens_lists(tmp_path):
   settings = json.loads(json.dumps(SETTINGS.__dict__))
   path.write_text(json.dumps({"settings": settings, "sample_ids": {"0": list(range(100))}}))
   with pytest.raises(ConfigError) as error_info:
-    hessian_spectrum.load_record(str(path), SETTINGS, {"sample_ids": {"0": list(range(1, 101))}})
+    hessian_record.load_record(str(path), SETTINGS, {"sample_ids": {"0": list(range(1, 101))}})
   assert str(error_info.value) == (
     f"{path} was written with other settings or data: sample_ids.0: [0, 1, 2, 3, 4, 5, ...] "
     "in the record, [1, 2, 3, 4, 5, 6, ...] now. Use a new --workdir, or the flags and config "

@@ -105,7 +105,7 @@ def test_set_aside_needs_summary(tmp_path):
 def test_damaged_summary_is_rejected(tmp_path):
   path = tmp_path / "summary.json"
   path.write_text('{"test_accuracy_per_epoch": [0.5')
-  with pytest.raises(checkpoint.ResumeError, match=r"summary.json cannot be read"):
+  with pytest.raises(checkpoint.ResumeError, match=r"of a finished run cannot be read"):
     resume.read_summary(str(path))
 
 
