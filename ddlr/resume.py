@@ -65,34 +65,30 @@ def make_workdir(workdir: str) -> None:
     raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
 
 
-# The file a run locks for as long as it uses its workdir.
-LOCK_NAME = "run.lock"
-
-
 @contextlib.contextmanager
 def hold_workdir(workdir: str):
-  """Holds an exclusive lock on `workdir/run.lock` while the block runs.
+  """Holds an exclusive lock on the directory `workdir` while the block runs.
 
   Two runs in one workdir would write into each other's checkpoints and
-  metrics. The lock is an advisory `flock`, which the system releases when
-  the process ends, even when it is killed, so no stale lock is left.
+  metrics. The lock is an advisory `flock` on the directory itself, so the
+  workdir gains no file, and the system releases it when the process ends,
+  even when it is killed, so no stale lock is left.
 
   Raises:
     ResumeError: if another process holds the lock.
   """
-  path = os.path.join(workdir, LOCK_NAME)
-  with open(path, "a") as lock_file:
+  descriptor = os.open(workdir, os.O_RDONLY)
+  try:
     try:
-      fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       raise ResumeError(
-        f"{workdir} is in use by another run, which has locked {path}; wait for it to end "
-        "or use another --workdir."
+        f"{workdir} is in use by another run, which holds a lock on it; wait for that run to "
+        "end or use another --workdir."
       ) from None
-    try:
-      yield
-    finally:
-      fcntl.flock(lock_file, fcntl.LOCK_UN)
+    yield
+  finally:
+    os.close(descriptor)
 
 
 def read_summary(path: str) -> dict:

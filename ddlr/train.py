@@ -159,10 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Rerunning with the same workdir resumes from its latest checkpoint; for a
   finished run it reads and returns `summary.json`, writing nothing. Writes
-  to `workdir`: `run.lock`, `config.json`, `split_record.npz`, `checkpoints/`,
+  to `workdir`: `config.json`, `split_record.npz`, `checkpoints/`,
   `metrics.jsonl` and TensorBoard event files, and at the end `rates.npz`,
-  `rates_histogram.png` and `summary.json`. The run holds a lock on
-  `run.lock` until it returns, so a second run in the same workdir stops at
+  `rates_histogram.png` and `summary.json`. The run holds a lock on the
+  workdir until it returns, so a second run in the same workdir stops at
   once.
 
   Returns:
