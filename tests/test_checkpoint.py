@@ -160,7 +160,7 @@ def test_resume_with_changed_noise_is_rejected(finished_run, tmp_path):
 def test_resume_with_more_epochs_is_allowed(finished_run, tmp_path, caplog):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")
   summary = run_on_mock(_config(**{"train.num_epochs": 3}), workdir)
   assert len(summary["test_accuracy_per_epoch"]) == 3
   assert summary["test_accuracy_per_epoch"][:2] == finished_run[1]["test_accuracy_per_epoch"]
@@ -217,7 +217,7 @@ def test_missing_run_record_is_rejected(finished_run, tmp_path, name):
 def test_checkpoint_past_the_end_is_rejected(finished_run, tmp_path, caplog):
   workdir = tmp_path / "copy"
   shutil.copytree(finished_run[0], workdir)
-  caplog.set_level("INFO")
+  caplog.set_level("INFO", logger="absl")
   with pytest.raises(checkpoint.ResumeError, match=r"step 10 is past the end of this run"):
     run_on_mock(_config(**{"train.num_epochs": 1}), workdir)
   # A rejected resume does not log the config change it rejected.
@@ -278,7 +278,7 @@ def test_rejected_shorter_run_stays_rejected(tmp_path):
   # The first rejection must not leave a config.json that makes the sweep reuse the run.
   for _ in range(2):
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-      with pytest.raises(checkpoint.ResumeError, match="past the end of this run"):
+      with pytest.raises(checkpoint.ResumeError, match=r"num_epochs=2, more than the 1 requested"):
         sweep.run_or_load(shorter, str(tmp_path))
 
 
