@@ -211,5 +211,6 @@ def run(main: Callable[[list[str]], None]) -> None:
       )
       # Each run's checkpoints and metric files are closed by now.
       interrupts.exit_after_interrupt(interrupt)
+    interrupts.restore_default_actions()
 
   app.run(main_with_error_line, flags_parser=parse_flags)

@@ -80,3 +80,17 @@ def exit_after_interrupt(interrupt: KeyboardInterrupt) -> NoReturn:
   sys.stderr.flush()
   logging.flush()
   os._exit(exit_status(interrupt))
+
+
+def restore_default_actions() -> None:
+  """Gives SIGINT and SIGTERM their default actions, unless they are ignored.
+
+  Called once a program's outputs are complete. A signal that arrives later,
+  while the interpreter shuts down, then ends the process at once with the
+  signal's status. Without this a SIGINT raised KeyboardInterrupt inside jax's exit
+  handler, which Python prints as a traceback and ignores, so the status was 0.
+  """
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    # An ignored signal stays ignored, as the parent process set it.
+    if raises_interrupt(signum):
+      signal.signal(signum, signal.SIG_DFL)

@@ -53,6 +53,7 @@ def main(argv: list[str]) -> None:
     print(f"interrupted; {_resume_hint(FLAGS.workdir)}", file=sys.stderr)
     # train_and_evaluate has closed its checkpoints and metric files by now.
     interrupts.exit_after_interrupt(interrupt)
+  interrupts.restore_default_actions()
   if not summary["completed"]:
     print(
       f"stopped after step {summary['step']} of {summary['total_steps']} as "

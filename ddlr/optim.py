@@ -181,8 +181,8 @@ def ddlr(
       normalize=normalize, hypergradient_scale=hypergradient_scale,
       accumulation_steps=accumulation_steps,
   )  # fmt: skip
-  if accumulation_steps is None:
-    accumulation_steps = 1
+  # int() because optax.MultiSteps takes a NumPy integer for a schedule.
+  accumulation_steps = 1 if accumulation_steps is None else int(accumulation_steps)
   if class_hyper_learning_rate is None:
     class_hyper_learning_rate = hyper_learning_rate
 

@@ -56,11 +56,23 @@ def make_workdir(workdir: str) -> None:
   """Creates `workdir` and its parents if missing.
 
   Raises:
-    ConfigError: if `workdir` exists and is not a directory, or is not writable.
+    ConfigError: if `workdir` exists and is not a directory, is a dangling
+      symbolic link, cannot be created or is not writable.
   """
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir {workdir} exists and is not a directory; give a directory.")
-  os.makedirs(workdir, exist_ok=True)
+  if os.path.islink(workdir) and not os.path.exists(workdir):
+    raise ConfigError(
+      f"--workdir {workdir} is a symbolic link to {os.readlink(workdir)}, which does not exist; "
+      "create that directory or give another --workdir."
+    )
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(
+      f"--workdir {workdir} cannot be created ({describe_error(error)}); give a directory "
+      "that can be created."
+    ) from error
   if not os.access(workdir, os.W_OK):
     raise ConfigError(f"--workdir {workdir} is not writable; give a writable directory.")
 
@@ -75,7 +87,8 @@ def hold_workdir(workdir: str):
   even when it is killed, so no stale lock is left.
 
   Raises:
-    ResumeError: if another process holds the lock.
+    ResumeError: if another process holds the lock, or the file system
+      cannot lock the directory.
   """
   descriptor = os.open(workdir, os.O_RDONLY)
   try:
@@ -86,6 +99,12 @@ def hold_workdir(workdir: str):
         f"{workdir} is in use by another run, which holds a lock on it; wait for that run to "
         "end or use another --workdir."
       ) from None
+    except OSError as error:
+      raise ResumeError(
+        f"{workdir} cannot be locked ({describe_error(error)}), so a second run there could "
+        "not be stopped; its file system may not support flock (e.g. NFS without a lock "
+        "daemon). Use a workdir on a local file system."
+      ) from error
     yield
   finally:
     os.close(descriptor)

@@ -585,3 +585,14 @@ def test_list_arguments_match_arrays():
   )  # fmt: skip
   for a, b in zip(jax.tree.leaves(from_lists), jax.tree.leaves(from_arrays), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_numpy_integer_accumulation_steps():
+  tx = _small_transformation(accumulation_steps=np.int64(2))
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  for _ in range(2):
+    updates, state = tx.update(
+      {"w": jnp.ones(2)}, state, params, ids=jnp.array([0, 1]), alignment=jnp.ones(2)
+    )
+  np.testing.assert_allclose(updates["w"], [-0.1, -0.1])

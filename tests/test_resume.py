@@ -1,10 +1,13 @@
 """Tests of the workdir checks that run before a run starts or resumes (`ddlr.resume`)."""
 
+import errno
+import fcntl
 import json
 
 import pytest
 
 from ddlr import checkpoint, resume
+from ddlr.config_checks import ConfigError
 from tests.run_helpers import tiny_config
 
 
@@ -117,3 +120,23 @@ def test_held_workdir_rejects_second_holder(tmp_path):
   # Released at the end of the block.
   with resume.hold_workdir(str(tmp_path)):
     pass
+
+
+def test_workdir_that_cannot_be_made(tmp_path):
+  dangling = tmp_path / "link"
+  dangling.symlink_to(tmp_path / "missing")
+  with pytest.raises(ConfigError, match=r"is a symbolic link to .*missing, which does not exist"):
+    resume.make_workdir(str(dangling))
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ConfigError, match=r"file/run cannot be created \(\[Errno 20\] Not a dir"):
+    resume.make_workdir(str(tmp_path / "file" / "run"))
+
+
+def test_unlockable_workdir_is_rejected(tmp_path, monkeypatch):
+  def no_locks(descriptor, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(fcntl, "flock", no_locks)
+  with pytest.raises(checkpoint.ResumeError, match=r"cannot be locked \(\[Errno 37\] No locks"):
+    with resume.hold_workdir(str(tmp_path)):
+      pass
