@@ -110,6 +110,22 @@ def hold_workdir(workdir: str):
     os.close(descriptor)
 
 
+@contextlib.contextmanager
+def removed_if_rejected(directory: str):
+  """Removes `directory` if the block created it, left it empty and raised a rejection.
+
+  The checkpoint manager creates `checkpoints/` before the data checks run,
+  so without this a rejected run would leave the workdir changed.
+  """
+  existed = os.path.isdir(directory)
+  try:
+    yield
+  except (ConfigError, data_lib.DataError, ResumeError):
+    if not existed and os.path.isdir(directory) and not os.listdir(directory):
+      os.rmdir(directory)
+    raise
+
+
 def read_summary(path: str) -> dict:
   """Returns the summary of a finished run, read from its `summary.json` at `path`.
 

@@ -177,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   validate_config(config)
   resume.make_workdir(workdir)
-  with resume.hold_workdir(workdir):
+  checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  with resume.hold_workdir(workdir), resume.removed_if_rejected(checkpoint_dir):
     return _train_and_evaluate_in(config, workdir)
 
 

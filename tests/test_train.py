@@ -132,6 +132,7 @@ def test_oversized_batch_writes_no_split_record(tmp_path, overrides, error, mess
       train.train_and_evaluate(tiny_config(**overrides), str(tmp_path))
   assert not (tmp_path / "split_record.npz").exists()
   assert not (tmp_path / "config.json").exists()
+  assert not (tmp_path / "checkpoints").exists()
 
 
 def test_reused_reference_rejects_current_point():
