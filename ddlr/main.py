@@ -41,9 +41,6 @@ def main(argv: list[str]) -> None:
   tf.config.set_visible_devices([], "GPU")
   logging.set_verbosity(logging.INFO)
   cli.hide_library_info_logs()
-  if not FLAGS.workdir.strip():
-    print("error: --workdir is empty; give the directory for the run's outputs.", file=sys.stderr)
-    sys.exit(1)
   try:
     with interrupts.sigterm_as_interrupt():
       summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -96,7 +96,7 @@ def hold_workdir(workdir: str):
       fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       raise ResumeError(
-        f"{workdir} is in use by another run, which holds a lock on it; wait for that run to "
+        f"{workdir} is in use by another run, which has locked it; wait for that run to "
         "end or use another --workdir."
       ) from None
     except OSError as error:

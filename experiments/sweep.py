@@ -108,8 +108,7 @@ def run_or_load(config, workdir: str) -> dict:
     return resume.read_summary(summary_path)
   if os.path.exists(summary_path):
     config_path = os.path.join(workdir, "config.json")
-    changed = resume.config_differences(config_path, config)
-    resume.check_resumable_config(config_path, config)
+    changed = resume.check_resumable_config(config_path, config)
     _check_fewer_epochs(workdir, changed)
     logging.info(
       "The finished run in %s differs from this sweep's config in %s; resuming it.",
