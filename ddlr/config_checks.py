@@ -147,6 +147,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "is computed after every k-th update, at the parameters it produced. Set "
       "reference_at='lookahead' or reference_every_steps=1."
     )
+  _require_bool(config, "ddlr.split_sequential")
+  if config.ddlr.split_sequential and config.ddlr.reference != "split":
+    raise ConfigError(
+      f"config.ddlr.split_sequential=True applies only to reference='split', got "
+      f"reference={config.ddlr.reference!r}. Set split_sequential=False or reference='split'."
+    )
   if config.ddlr.split_batch_stats == "half" and config.ddlr.reference != "split":
     raise ConfigError(
       f"config.ddlr.split_batch_stats='half' applies only to reference='split', got "

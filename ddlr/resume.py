@@ -39,6 +39,8 @@ SAFE_TO_CHANGE = frozenset(
     # Every alignment path computes the same alignment (tests check them
     # against per-example gradients), so switching paths keeps the method.
     "ddlr.alignment",
+    # Only the order of the two halves' passes changes, not their results.
+    "ddlr.split_sequential",
   }
 )
 # Fields of SAFE_TO_CHANGE that leave a finished run's results as they are:
@@ -49,7 +51,7 @@ OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs"}
 # Fields added to the config after runs were saved without them, each with the
 # value that trains as those runs did. A saved config that lacks one of these
 # fields is read as having that value.
-ADDED_FIELDS = {"ddlr.split_batch_stats": "batch"}
+ADDED_FIELDS = {"ddlr.split_batch_stats": "batch", "ddlr.split_sequential": False}
 
 
 def make_workdir(workdir: str) -> None:

@@ -87,6 +87,7 @@ def step_settings(config, steps_per_epoch: int = 1) -> steps.StepSettings:
     reference_batch_size=config.ddlr.reference_batch_size,
     reference_every_steps=config.ddlr.reference_every_steps,
     split_batch_stats=config.ddlr.split_batch_stats,
+    split_sequential=config.ddlr.split_sequential,
     small_loss_fraction=config.ddlr.small_loss_fraction,
     small_loss_per_class=config.ddlr.small_loss_per_class,
     preconditioner="adam" if config.optimizer.name == "adamw" else "identity",

@@ -88,7 +88,8 @@ flags.DEFINE_list(
   "Variants: 'uniform', or '<path>/<reference>[@k]' with path jvp, layerwise, vmap or "
   "direct-jvp (jax.vjp plus a separate jax.jvp) and k the reference refresh interval. "
   "Reference 'split-half' is 'split' with split_batch_stats='half', which differs from "
-  "'split' only on a model with BatchNorm. "
+  "'split' only on a model with BatchNorm. 'split-seq' and 'split-half-seq' add "
+  "split_sequential=True. "
   "layerwise needs a model without BatchNorm. vmap forms B per-example gradients, so its "
   "steps take minutes on a CPU.",
 )
@@ -121,6 +122,9 @@ def parse_variant(name: str) -> Variant:
   path, slash, reference = name.partition("/")
   reference, at, every = reference.partition("@")
   split_batch_stats = "batch"
+  split_sequential = False
+  if reference in ("split-seq", "split-half-seq"):
+    reference, split_sequential = reference.removesuffix("-seq"), True
   if reference == "split-half":
     reference, split_batch_stats = "split", "half"
   problem = None
@@ -129,7 +133,7 @@ def parse_variant(name: str) -> Variant:
   elif path not in PATHS:
     problem = f"unknown path {path!r}, expected one of {', '.join(PATHS)}"
   elif reference not in references.REFERENCES:
-    known = ", ".join((*references.REFERENCES, "split-half"))
+    known = ", ".join((*references.REFERENCES, "split-half", "split-seq", "split-half-seq"))
     problem = f"unknown reference {reference!r}, expected one of {known}"
   elif at and reference != "reference":
     # Only the `reference` reference reuses its gradient between refreshes.
@@ -142,6 +146,7 @@ def parse_variant(name: str) -> Variant:
   settings = steps.StepSettings(
     reference=reference,
     split_batch_stats=split_batch_stats,
+    split_sequential=split_sequential,
     alignment="jvp" if path == "direct-jvp" else path,
     linearize=path != "direct-jvp",
     reference_every_steps=int(every or 1),

@@ -24,6 +24,13 @@ def test_variant_names_parse():
   assert split_half.reference == "split"
   assert split_half.split_batch_stats == "half"
   assert benchmark.parse_variant("jvp/split").settings.split_batch_stats == "batch"
+  assert not benchmark.parse_variant("jvp/split").settings.split_sequential
+  sequential = benchmark.parse_variant("layerwise/split-seq").settings
+  assert (sequential.reference, sequential.split_batch_stats) == ("split", "batch")
+  assert sequential.split_sequential
+  sequential_half = benchmark.parse_variant("jvp/split-half-seq").settings
+  assert (sequential_half.reference, sequential_half.split_batch_stats) == ("split", "half")
+  assert sequential_half.split_sequential
   cached = benchmark.parse_variant("layerwise/reference@4").settings
   assert cached.reference_every_steps == 4
   assert cached.alignment == "layerwise"

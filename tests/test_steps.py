@@ -164,17 +164,19 @@ def _momentum_state(params):
   return tx, state
 
 
+FAST_AND_DIRECT_PATHS = {
+  "linearized jvp": dict(alignment="jvp", linearize=True),
+  "direct jvp": dict(alignment="jvp", linearize=False),
+  "layerwise": dict(alignment="layerwise"),
+}
+
+
 @pytest.mark.parametrize("reference", ["momentum", "split", "reference"])
 def test_fast_and_direct_paths_agree(reference):
   model, data, params = _setup()
   tx, state = _momentum_state(params)
-  paths = {
-    "linearized jvp": dict(alignment="jvp", linearize=True),
-    "direct jvp": dict(alignment="jvp", linearize=False),
-    "layerwise": dict(alignment="layerwise"),
-  }
   outcomes = {}
-  for name, path in paths.items():
+  for name, path in FAST_AND_DIRECT_PATHS.items():
     settings = steps.StepSettings(reference=reference, reference_batch_size=4, **path)
     step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
     current = state
@@ -211,6 +213,42 @@ def test_update_ordered_after_alignment_keeps_bits():
   large_out, small_out = jaxpr.outvars
   assert small_out is small_in
   assert large_out is not large_in
+
+
+@pytest.mark.parametrize("alignment", ["jvp", "layerwise"])
+def test_sequential_split_keeps_bits(alignment):
+  model, data, params = _setup()
+  tx, state = _momentum_state(params)
+  outcomes = []
+  for sequential in (False, True):
+    settings = steps.StepSettings(
+      reference="split", alignment=alignment, split_sequential=sequential
+    )
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+    current = state
+    for index in range(2):
+      current, _ = step(current, data, jnp.arange(BATCH_SIZE) + index)
+    outcomes.append(current)
+  concurrent, sequential = outcomes
+  assert float(jnp.max(jnp.abs(sequential.opt_state.log_lr))) > 0.0
+  np.testing.assert_array_equal(sequential.opt_state.log_lr, concurrent.opt_state.log_lr)
+  for a, b in zip(
+    jax.tree.leaves(sequential.params), jax.tree.leaves(concurrent.params), strict=True
+  ):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_negative_zero_of_tree():
+  trees = [
+    {"kernel": jnp.ones([3, 2]), "bias": jnp.array([-5.0, 2.0])},
+    {"kernel": jnp.array([jnp.nan, 1.0]), "bias": jnp.array([jnp.inf])},
+    {"kernel": jnp.array([3e38, 3e38], jnp.float32)},  # the sum overflows to inf
+    {"kernel": jnp.array([1.5, -2.0], jnp.bfloat16)},
+  ]
+  for tree in trees:
+    zero = jax.jit(steps._negative_zero)(tree)
+    assert zero.dtype == jnp.float32
+    assert np.asarray(zero).view(np.int32) == np.asarray(-0.0, np.float32).view(np.int32)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,11 @@ def test_non_finite_loss_named():
     ("ddlr.alignment", "exact", r"config.ddlr.alignment='exact' is invalid"),
     ("ddlr.split_batch_stats", "ghost", r"config.ddlr.split_batch_stats='ghost' is invalid"),
     ("ddlr.split_batch_stats", "half", r"'half' applies only to reference='split', got reference="),
+    (
+      "ddlr.split_sequential",
+      True,
+      r"split_sequential=True applies only to reference='split', got",
+    ),
     ("optimizer.name", "lion", r"config.optimizer.name='lion' is invalid"),
     ("train.batch_size", 0, r"config.train.batch_size=0 is invalid"),
     ("seed", -1, r"config.seed=-1 is invalid; expected a value in \[0, 4294967295\]"),
