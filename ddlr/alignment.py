@@ -7,7 +7,9 @@ gradient (a VJP) and the alignment:
 
 * `jvp`: all s_i at once as one forward-mode product of the linearised loss
   vector with t; memory O(P). With BatchNorm in training mode it
-  differentiates the same batch-coupled losses that the update uses.
+  differentiates the same batch-coupled losses that the update uses. For a
+  direction fixed before the step, `linearize_with_alignment` carries the
+  tangent through the forward pass itself, which needs less memory.
 * `vmap`: the per-example gradients as a [B, ...] pytree, one VJP per one-hot
   cotangent, then s = J t; memory O(B P). It is the reference path for tests
   and gives per-example gradient norms.
@@ -41,6 +43,9 @@ class LinearizedLosses(NamedTuple):
   # [B] cotangent -> (gradient, a linearisation whose `jvp` reuses this
   # backward pass); only the layerwise path sets it, see `weighted_gradient`.
   backward: Callable[[jax.Array], tuple[Any, "LinearizedLosses"]] | None = None
+  # [B] float32 alignment with the direction given to
+  # `linearize_with_alignment`, computed in the forward pass; None otherwise.
+  alignment: jax.Array | None = None
 
 
 def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) -> LinearizedLosses:
@@ -57,6 +62,38 @@ def linearize_losses(loss_fn: Callable[[Any], tuple[jax.Array, Any]], params) ->
     return transpose(as_loss_dtype(cotangent, losses))[0]
 
   return LinearizedLosses(losses, aux, jvp_fn, vjp)
+
+
+def linearize_with_alignment(
+  loss_fn: Callable[[Any], tuple[jax.Array, Any]], params, tangent
+) -> LinearizedLosses:
+  """Like `linearize_losses`, and scores the batch against `tangent` in the same forward pass.
+
+  For a direction known before the step, such as the momentum buffer. The
+  forward pass carries each activation's tangent beside its value (a
+  `jax.jvp` inside the `jax.vjp`), so XLA can free a layer's tangent once the
+  next layer's is computed. `linearize_losses` and `compute_alignment` do
+  the same FLOPs, but the tangents follow the forward pass, when every
+  activation kept for the backward pass is alive.
+
+  Returns:
+    The linearisation, with `alignment` [B] set to <grad loss_i, tangent>.
+    Its `jvp` for other directions repeats the forward pass.
+  """
+
+  def losses_and_alignment(point):
+    losses, alignment, aux = jax.jvp(loss_fn, (point,), (tangent,), has_aux=True)
+    return losses, (aux, alignment)
+
+  losses, vjp_fn, (aux, alignment) = jax.vjp(losses_and_alignment, params, has_aux=True)
+
+  def jvp(other):
+    return jax.jvp(lambda point: loss_fn(point)[0], (params,), (other,))[1]
+
+  def vjp(cotangent):
+    return vjp_fn(as_loss_dtype(cotangent, losses))[0]
+
+  return LinearizedLosses(losses, aux, jvp, vjp, alignment=alignment.astype(jnp.float32))
 
 
 def differentiate_losses(

@@ -177,7 +177,9 @@ def train_step(
         state, data, lin, ids, labels, rates, reference_rng, model=model, tx=tx, settings=settings
       )
     grads, lin = alignment_lib.weighted_gradient(lin, rates / batch_size)
-    if settings.enabled:
+    if lin.alignment is not None:
+      alignment = lin.alignment
+    elif settings.enabled:
       alignment = references.compute_batch_alignment(
           state, data, lin, grads, ids, labels, rates, reference_rng, model=model, tx=tx,
           settings=settings, images=images,
@@ -274,6 +276,11 @@ def _differentiate(loss_fn, state, settings) -> alignment_lib.LinearizedLosses:
     if settings.alignment == "layerwise":
       raise ValueError(f"{reason}; use alignment='jvp' or 'auto'.")
   if settings.linearize:
+    direction = None
+    if settings.alignment != "vmap":
+      direction = references.cached_direction(state, settings)
+    if direction is not None:
+      return alignment_lib.linearize_with_alignment(loss_fn, state.params, direction)
     return alignment_lib.linearize_losses(loss_fn, state.params)
   return alignment_lib.differentiate_losses(loss_fn, state.params)
 

@@ -50,6 +50,42 @@ def test_jvp_and_vmap_alignments_agree(batch_norm):
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
+def test_alignment_in_forward_pass_matches_linearized(batch_norm):
+  _, params, loss_fn, tangents = _setup(batch_norm)
+  first, second = (jax.tree.map(lambda t, i=i: t[i], tangents) for i in range(2))
+  weights = jnp.linspace(0.2, 1.8, BATCH_SIZE)
+
+  @jax.jit
+  def both_paths(params):
+    fused = alignment_lib.linearize_with_alignment(loss_fn, params, first)
+    lin = alignment_lib.linearize_losses(loss_fn, params)
+    return (
+      (fused.losses, fused.alignment, fused.vjp(weights), fused.jvp(second), fused.aux),
+      (
+        lin.losses,
+        alignment_lib.compute_alignment(lin, tangents, method="jvp"),
+        lin.vjp(weights),
+        lin.aux,
+      ),
+    )
+
+  (losses_, alignment, gradient, other, aux), (want_losses, want, want_gradient, want_aux) = (
+    both_paths(params)
+  )
+  assert alignment.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(alignment))) > 1e-3
+  np.testing.assert_allclose(losses_, want_losses, rtol=1e-6)
+  np.testing.assert_allclose(alignment, want[0], rtol=1e-4, atol=1e-5)
+  # Its jvp for another direction runs the forward pass again.
+  np.testing.assert_allclose(other, want[1], rtol=1e-4, atol=1e-5)
+  for a, b in zip(jax.tree.leaves(gradient), jax.tree.leaves(want_gradient), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The logits and, with BatchNorm, the new running statistics.
+  for a, b in zip(jax.tree.leaves(aux), jax.tree.leaves(want_aux), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("batch_norm", [False, True])
 def test_per_example_gradients_match_jacobian(batch_norm):
   _, params, loss_fn, _ = _setup(batch_norm)
   lin = alignment_lib.linearize_losses(loss_fn, params)
@@ -99,7 +135,15 @@ def test_unknown_alignment_method_raises():
 
 
 @pytest.mark.parametrize(
-  "differentiate", [alignment_lib.linearize_losses, alignment_lib.differentiate_losses]
+  "differentiate",
+  [
+    alignment_lib.linearize_losses,
+    alignment_lib.differentiate_losses,
+    lambda loss_fn, weights: alignment_lib.linearize_with_alignment(
+      loss_fn, weights, jnp.ones_like(weights)
+    ),
+  ],
+  ids=["linearize", "differentiate", "with alignment"],
 )
 def test_bfloat16_losses_take_float32_cotangent(differentiate):
   weights = jnp.linspace(-1.0, 1.0, 6, dtype=jnp.bfloat16).reshape(3, 2)

@@ -215,6 +215,32 @@ def test_update_ordered_after_alignment_keeps_bits():
   assert large_out is not large_in
 
 
+def test_cached_reference_paths_agree():
+  # The `jvp` path scores the batch against a cached direction in its forward
+  # pass (alignment.linearize_with_alignment); the others score it afterwards.
+  model, data, params = _setup()
+  tx, state = _momentum_state(params)
+  outcomes = {}
+  for name, path in FAST_AND_DIRECT_PATHS.items():
+    settings = steps.StepSettings(
+      reference="reference", reference_batch_size=4, reference_every_steps=2, **path
+    )
+    current = references.refresh_reference_direction(
+      state.replace(reference_direction=None), data, model=model, settings=settings
+    )
+    step = jax.jit(functools.partial(steps.train_step, model=model, tx=tx, settings=settings))
+    for index in range(2):
+      current, _ = step(current, data, jnp.arange(BATCH_SIZE) + index)
+    outcomes[name] = current
+  direct = outcomes["direct jvp"]
+  assert float(jnp.max(jnp.abs(direct.opt_state.log_lr))) > 0.0
+  for name in ("linearized jvp", "layerwise"):
+    fast = outcomes[name]
+    np.testing.assert_allclose(fast.opt_state.log_lr, direct.opt_state.log_lr, rtol=1e-5, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(fast.params), jax.tree.leaves(direct.params), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("alignment", ["jvp", "layerwise"])
 def test_sequential_split_keeps_bits(alignment):
   model, data, params = _setup()
