@@ -9,7 +9,8 @@ gradient (a VJP) and the alignment:
   vector with t; memory O(P). With BatchNorm in training mode it
   differentiates the same batch-coupled losses that the update uses. For a
   direction fixed before the step, `linearize_with_alignment` carries the
-  tangent through the forward pass itself, which needs less memory.
+  tangent through the forward pass itself, which needed less memory in the
+  small CNN's step.
 * `vmap`: the per-example gradients as a [B, ...] pytree, one VJP per one-hot
   cotangent, then s = J t; memory O(B P). It is the reference path for tests
   and gives per-example gradient norms.
@@ -69,12 +70,14 @@ def linearize_with_alignment(
 ) -> LinearizedLosses:
   """Like `linearize_losses`, and scores the batch against `tangent` in the same forward pass.
 
-  For a direction known before the step, such as the momentum buffer. The
-  forward pass carries each activation's tangent beside its value (a
-  `jax.jvp` inside the `jax.vjp`), so XLA can free a layer's tangent once the
-  next layer's is computed. `linearize_losses` and `compute_alignment` do
-  the same FLOPs, but the tangents follow the forward pass, when every
-  activation kept for the backward pass is alive.
+  For a direction known before the step, such as a cached reference
+  gradient. The forward pass carries each activation's tangent beside its
+  value (a `jax.jvp` inside the `jax.vjp`). It costs the FLOPs of
+  `linearize_losses` followed by `compute_alignment`, but XLA:CPU gave the
+  small CNN's train step 15.84 MiB of temporary memory with it against
+  17.37 MiB with those two (jax 0.10.2). The loss function compiled alone
+  needs the same memory either way, so the saving comes from how XLA
+  schedules the whole step.
 
   Returns:
     The linearisation, with `alignment` [B] set to <grad loss_i, tangent>.

@@ -105,7 +105,7 @@ def cached_direction(state, settings):
   The cached gradient is fixed before the step, so the `jvp` path scores the
   batch against it in its forward pass (`alignment.linearize_with_alignment`),
   which lowered the small CNN's peak memory from 1.27x a uniform step's to
-  1.18x at the same speed. The momentum buffer is fixed too, but that step
+  1.18x at the same speed within noise. The momentum buffer is fixed too, but that step
   ran slower (1.51x against 1.35x a uniform step) and fits in 1.18x without
   it (scripts/benchmark.py, 2-core CPU). Baselines score the batch on their
   own, so they get None.
