@@ -113,19 +113,44 @@ def hold_workdir(workdir: str):
 
 
 @contextlib.contextmanager
-def removed_if_rejected(directory: str):
-  """Removes `directory` if the block created it, left it empty and raised a rejection.
+def removed_if_rejected(directory: str, missing: list[str] | None = None):
+  """Removes `directory` and its parents that were created for it, if the block raised a rejection.
 
-  The checkpoint manager creates `checkpoints/` before the data checks run,
-  so without this a rejected run would leave the workdir changed.
+  A rejection is a ConfigError, DataError or ResumeError. The checkpoint
+  manager creates `checkpoints/` before the data checks run, and
+  `make_workdir` creates a run's workdir and its parents, so without this a
+  rejected run would leave the workdir changed or an empty folder behind.
+  Only empty directories are removed (`os.rmdir`), so a file that another
+  process wrote there in the meantime keeps its directory.
+
+  Args:
+    directory: the directory that the block may create.
+    missing: `missing_directories(directory)` taken before the caller created
+      it; by default taken when the block starts.
   """
-  existed = os.path.isdir(directory)
+  if missing is None:
+    missing = missing_directories(directory)
   try:
     yield
   except (ConfigError, data_lib.DataError, ResumeError):
-    if not existed and os.path.isdir(directory) and not os.listdir(directory):
-      os.rmdir(directory)
+    for path in missing:
+      try:
+        os.rmdir(path)
+      except FileNotFoundError:
+        continue  # never created
+      except OSError:
+        break  # not empty, so its parents are not empty either
     raise
+
+
+def missing_directories(directory: str) -> list[str]:
+  """Returns `directory` and its parents up to the first one that exists, deepest first."""
+  missing = []
+  path = os.path.abspath(directory)
+  while not os.path.lexists(path) and path != os.path.dirname(path):
+    missing.append(path)
+    path = os.path.dirname(path)
+  return missing
 
 
 def read_summary(path: str) -> dict:

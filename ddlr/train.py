@@ -177,9 +177,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     NonFiniteLossError: when the loss diverges; the last checkpoint is kept.
   """
   validate_config(config)
+  missing = resume.missing_directories(workdir)
   resume.make_workdir(workdir)
   checkpoint_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-  with resume.hold_workdir(workdir), resume.removed_if_rejected(checkpoint_dir):
+  # A run rejected before training, e.g. for data that cannot be read, leaves
+  # no empty workdir or checkpoints/ behind. The workdir is removed only while
+  # the lock is held, so a run rejected because another run holds it keeps it.
+  with (
+    resume.hold_workdir(workdir),
+    resume.removed_if_rejected(workdir, missing),
+    resume.removed_if_rejected(checkpoint_dir),
+  ):
     return _train_and_evaluate_in(config, workdir)
 
 

@@ -225,3 +225,23 @@ def test_histogram_title_and_axis_label():
   assert summary._histogram_label(both) == "learned log multiplier a_i + b_y (instance plus class)"
   assert "a_i (log_lr)" in summary._histogram_label(both._replace(class_log_lr=None))
   assert "class multiplier b_y" in summary._histogram_label(both._replace(log_lr=None))
+
+
+def test_rejected_run_removes_new_workdir(tmp_path):
+  workdir = tmp_path / "sweep" / "uniform_seed0"
+  with pytest.raises(DataError, match=r"batch_size=91 exceeds the 90 training instances"):
+    with tfds.testing.mock_data(num_examples=100):
+      train.train_and_evaluate(tiny_config(**{"train.batch_size": 91}), str(workdir))
+  # Both the run folder and the sweep folder were created for the run, and are empty.
+  assert os.listdir(tmp_path) == []
+
+
+def test_rejected_run_keeps_existing_workdir(tmp_path):
+  # An empty workdir that the user made is theirs, so it stays.
+  workdir = tmp_path / "uniform_seed0"
+  workdir.mkdir()
+  with pytest.raises(DataError, match=r"batch_size=91 exceeds the 90 training instances"):
+    with tfds.testing.mock_data(num_examples=100):
+      train.train_and_evaluate(tiny_config(**{"train.batch_size": 91}), str(workdir))
+  assert workdir.is_dir()
+  assert os.listdir(workdir) == []
