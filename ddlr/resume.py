@@ -33,6 +33,8 @@ SAFE_TO_CHANGE = frozenset(
     "checkpoint.every_steps",
     "checkpoint.max_to_keep",
     "eval.batch_size",
+    # Where the data is read from. A resumed run checks the split it loads
+    # against its split record (`check_split_record`).
     "data.source",
     "data.data_dir",
     "data.manual_dir",
@@ -44,10 +46,15 @@ SAFE_TO_CHANGE = frozenset(
   }
 )
 # Fields of SAFE_TO_CHANGE that leave a finished run's results as they are:
-# a finished run differing from the new config only in these is reused.
-# train.stop_after_steps is one of them, since a finished run has no steps left
-# to stop before.
-OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs"}
+# a finished run differing from the new config only in these is reused without
+# loading its data. train.stop_after_steps is one of them, since a finished run
+# has no steps left to stop before. data.data_dir and data.manual_dir only
+# locate the same data. data.source is not one of them: the raw-file order of
+# CIFAR is untested against a prepared tfds split (`raw_files.tfds_order`), so
+# another source may give another split. A finished run whose source changed
+# is resumed instead, which loads the data, checks the split against its
+# record and then returns the saved summary.
+OUTCOME_NEUTRAL = SAFE_TO_CHANGE - {"train.num_epochs", "data.source"}
 # Fields added to the config after runs were saved without them, each with the
 # value that trains as those runs did. A saved config that lacks one of these
 # fields is read as having that value.

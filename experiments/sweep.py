@@ -94,8 +94,8 @@ def run_or_load(config, workdir: str) -> dict:
 
   A finished run is reused only when its saved config equals `config` up to
   fields that do not change results (`resume.OUTCOME_NEUTRAL`). A run
-  whose config differs only in resumable fields (e.g. more epochs) resumes
-  with `config`.
+  whose config differs only in resumable fields (e.g. more epochs, or another
+  `data.source`) resumes with `config`, which checks its data split first.
 
   Raises:
     checkpoint.ResumeError: the finished run was trained with a different
@@ -111,7 +111,8 @@ def run_or_load(config, workdir: str) -> dict:
     changed = resume.check_resumable_config(config_path, config)
     _check_fewer_epochs(workdir, changed)
     logging.info(
-      "The finished run in %s differs from this sweep's config in %s; resuming it.",
+      "The finished run in %s differs from this sweep's config in %s; resuming it, which "
+      "checks its data split and trains only the steps it lacks.",
       workdir,
       ", ".join(sorted(changed)),
     )

@@ -3,16 +3,19 @@
 import json
 
 import ml_collections
+import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
 from configs import personalisation as personalisation_config
 from ddlr import checkpoint, train
+from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
-from ddlr.data import DataError
+from ddlr.data import DataError, raw_files
 from experiments import personalisation, sweep, uniform_vs_ddlr
 from tests.run_helpers import MOCK_EXAMPLES, tiny_config
+from tests.test_data import write_idx, write_mnist_dir
 
 
 def _finished_run(run_dir, config, summary):
@@ -496,3 +499,74 @@ def test_run_rows_logs_run_number(tmp_path, monkeypatch, caplog):
     messages[0] == f"Run 1 of 4 of this table: uniform, seed 0, in {tmp_path / 'uniform_seed0'}."
   )
   assert messages[-1] == f"Run 4 of 4 of this table: ddlr, seed 1, in {tmp_path / 'ddlr_seed1'}."
+
+
+@pytest.mark.parametrize(
+  ("field", "value"), [("data.data_dir", "/elsewhere/tfds"), ("data.manual_dir", "/elsewhere/raw")]
+)
+def test_finished_run_reused_after_data_move(tmp_path, field, value):
+  config = default.get_config("quick")
+  _finished_run(tmp_path, config, {"auroc": 0.5})
+  # The same data in another directory; training would fail here, as there are no checkpoints.
+  section, name = field.split(".")
+  config[section][name] = value
+  assert sweep.is_reused(config, str(tmp_path))
+  assert sweep.run_or_load(config, str(tmp_path)) == {"auroc": 0.5}
+
+
+def _write_idx_copy_of_mock(directory) -> None:
+  """Writes the mocked fashion_mnist splits as IDX files that source='idx' reads back equal."""
+  prefixes = {"train": "train", "test": "t10k"}
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    for split, prefix in prefixes.items():
+      images, labels, _ = data_lib.load_split(
+        "fashion_mnist", split, source="tfds", data_dir=None, manual_dir=None
+      )
+      # source='idx' puts raw example order[i] at row i, so row i is written there.
+      order = raw_files.tfds_order(split, len(labels))
+      raw_images, raw_labels = np.empty_like(images), np.empty_like(labels)
+      raw_images[order], raw_labels[order] = images, labels
+      write_idx(str(directory / f"{prefix}-images-idx3-ubyte"), raw_images[..., 0], compress=False)
+      write_idx(str(directory / f"{prefix}-labels-idx1-ubyte"), raw_labels, compress=False)
+
+
+def test_finished_run_with_other_source_checks_split(tmp_path, monkeypatch):
+  config = tiny_config(**{"ddlr.enabled": False})
+  run_dir = tmp_path / "run"
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    summary = sweep.run_or_load(config, str(run_dir))
+  raw_dir = tmp_path / "raw"
+  raw_dir.mkdir()
+  _write_idx_copy_of_mock(raw_dir)
+  config.data.source = "idx"
+  config.data.manual_dir = str(raw_dir)
+  assert not sweep.is_reused(config, str(run_dir))
+
+  # The same examples from the raw files: the split matches and nothing trains.
+  monkeypatch.setattr(train, "_train", _fail_training)
+  assert sweep.run_or_load(config, str(run_dir)) == summary
+  assert json.loads((run_dir / "config.json").read_text())["data"]["source"] == "tfds"
+
+
+def test_finished_run_with_other_source_data_raises(tmp_path):
+  config = tiny_config(**{"ddlr.enabled": False})
+  run_dir = tmp_path / "run"
+  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+    summary = sweep.run_or_load(config, str(run_dir))
+  raw_dir = tmp_path / "raw"
+  raw_dir.mkdir()
+  write_mnist_dir(str(raw_dir), num_train=MOCK_EXAMPLES, num_test=MOCK_EXAMPLES)
+  config.data.source = "idx"
+  config.data.manual_dir = str(raw_dir)
+  with pytest.raises(checkpoint.ResumeError) as error_info:
+    sweep.run_or_load(config, str(run_dir))
+  assert str(error_info.value) == (
+    f"{run_dir / 'split_record.npz'} records a different split (noise mask, labels, reference "
+    "ids or target-domain mask) than this config produces, so the run cannot be resumed; use "
+    "a new --workdir."
+  )
+  assert json.loads((run_dir / "summary.json").read_text()) == summary
+
+
+def _fail_training(*args, **kwargs):
+  raise AssertionError("a finished run must not train again")
