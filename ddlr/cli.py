@@ -7,6 +7,7 @@ a usage message.
 """
 
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -16,7 +17,7 @@ from ml_collections import config_flags
 
 from ddlr import checkpoint, interrupts, train
 from ddlr.config_checks import ConfigError
-from ddlr.data import DataError
+from ddlr.data import SOURCES, DataError
 
 FLAGS = flags.FLAGS
 
@@ -149,6 +150,98 @@ def empty_list_flag_message(name: str, values: list[str], default: list[str] | N
   return None
 
 
+# The flags of `define_data_flags`, each with the `config.data` field it sets.
+DATA_FLAGS = {"data_source": "source", "data_dir": "data_dir", "manual_dir": "manual_dir"}
+
+
+def define_data_flags() -> None:
+  """Defines `--data_source`, `--data_dir` and `--manual_dir`, which locate every run's data.
+
+  For the scripts that build their runs' configs themselves and so take no
+  `--config.data.<field>` overrides. `data_location` reads them.
+  """
+  flags.DEFINE_string(
+    "data_source",
+    None,
+    "Sets config.data.source of every run: tfds (a tfds dataset prepared in --data_dir) or "
+    "idx (the raw files in --manual_dir: IDX files for (Fashion-)MNIST, the extracted python "
+    "archive for CIFAR). The config's value (tfds) when left out.",
+  )
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Sets config.data.data_dir of every run: the directory of the prepared tfds datasets. "
+    "tfds' default ($TFDS_DATA_DIR, or ~/tensorflow_datasets) when left out.",
+  )
+  flags.DEFINE_string(
+    "manual_dir",
+    None,
+    "Sets config.data.manual_dir of every run: the directory of the raw files, which "
+    "--data_source=idx reads and from which tfds prepares fashion_mnist offline. The "
+    "config's value when left out.",
+  )
+
+
+def data_location(flag_values: flags.FlagValues = FLAGS) -> dict[str, str]:
+  """Returns {`config.data` field: value} for each data flag given on the command line.
+
+  Raises:
+    ValueError: naming the flag, for a source other than tfds and idx, an
+      empty path or a path that is not a directory.
+  """
+  location = {}
+  for name, field in DATA_FLAGS.items():
+    if flag_values[name].value is not None:
+      location[field] = flag_values[name].value
+  source = location.get("source")
+  if source is not None and source not in SOURCES:
+    raise ValueError(
+      f"--data_source={source!r} is invalid; expected tfds (a tfds dataset prepared in "
+      "--data_dir) or idx (the raw files in --manual_dir)."
+    )
+  contents = {"data_dir": "the prepared tfds datasets", "manual_dir": "the raw dataset files"}
+  for field, content in contents.items():
+    path = location.get(field)
+    if path is not None and not path.strip():
+      raise ValueError(
+        f"--{field} is empty; give the directory of {content}, or leave the flag out for "
+        "the config's value."
+      )
+    if path is not None and not os.path.isdir(path):
+      raise ValueError(
+        f"--{field}={path} is not a directory; give an existing directory of {content}."
+      )
+  return location
+
+
+def set_data_location(config, location: dict[str, str]) -> None:
+  """Sets the `config.data` fields of `location` (from `data_location`) in `config`.
+
+  Raises:
+    ValueError: if `--data_source=idx` leaves the config without a manual_dir
+      to read the raw files from.
+  """
+  for field, value in location.items():
+    config.data[field] = value
+  if location.get("source") == "idx" and config.data.manual_dir is None:
+    raise ValueError(
+      f"--data_source=idx reads the raw {config.data.name} files from --manual_dir, which is "
+      "not given; add --manual_dir=DIR."
+    )
+
+
+def _with_data_flags_note(error: Exception) -> Exception | str:
+  """Returns `error`, or its message with the data flags added if it names a data location."""
+  if not isinstance(error, DataError) or "data_source" not in FLAGS:
+    return error
+  if not any(field in str(error) for field in DATA_FLAGS.values()):
+    return error
+  return (
+    f"{error}; this command sets config.data.source, data_dir and manual_dir with "
+    "--data_source, --data_dir and --manual_dir."
+  )
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """Parses the command line, turning a bad flag, config file or override into one error line.
 
@@ -202,7 +295,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       with interrupts.sigterm_as_interrupt():
         main(argv)
     except RUN_ERRORS as error:
-      exit_with_error(error)
+      exit_with_error(_with_data_flags_note(error))
     except KeyboardInterrupt as interrupt:
       print(
         "interrupted; rerunning the same command reuses the finished runs and resumes the "

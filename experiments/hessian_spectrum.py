@@ -15,6 +15,11 @@ of CPU time on a 2-core x86-64 machine (jax 0.10.2).
 
   python -m experiments.hessian_spectrum --small --workdir=runs/hessian_small
 
+In either mode `--data_source`, `--data_dir` and `--manual_dir` set where the
+run reads its data (config.data.source, data_dir and manual_dir); with
+`--config` a flag and a `--config.data.<field>` override of the same field
+are rejected together.
+
 Training runs through `ddlr.train.train_and_evaluate` in `workdir/train`,
 stopped with `train.stop_after_steps` at the end of each requested epoch. At
 each stop the spectra are computed from that epoch's checkpoint and added to
@@ -365,16 +370,36 @@ def run(config, workdir: str, requested_epochs: list[str], settings: SpectrumSet
   return record
 
 
+def check_no_data_override(location: dict[str, str], overrides: list[str]) -> None:
+  """Raises ValueError if a data flag and a `--config.data.<field>` override set the same field.
+
+  `location` is `cli.data_location()`, `overrides` the `--config.` arguments.
+  """
+  for flag, field in cli.DATA_FLAGS.items():
+    override = f"--config.data.{field}"
+    if field in location and any(arg.split("=", 1)[0] == override for arg in overrides):
+      raise ValueError(
+        f"--{flag} and {override} both set config.data.{field}; give only one of them."
+      )
+
+
 def main(argv: list[str]) -> None:
   del argv  # cli.parse_flags has rejected positional arguments.
   logging.set_verbosity(logging.INFO)
   overrides = [arg for arg in sys.argv if arg.startswith("--config.")]
   if FLAGS.small and (FLAGS["config"].present or overrides):
     cli.exit_with_error(
-      "--small trains its own config; give --small or --config and its overrides, not both."
+      "--small trains its own config; give --small or --config and its overrides, not both. "
+      "--data_source, --data_dir and --manual_dir set where either reads its data."
     )
   # cli.parse_flags has loaded --config already, so a missing file ended the program there.
   config = small_config() if FLAGS.small else FLAGS.config
+  try:
+    location = cli.data_location()
+    check_no_data_override(location, overrides)
+    cli.set_data_location(config, location)
+  except ValueError as error:
+    cli.exit_with_error(error)
   try:
     classes = tuple(int(text) for text in FLAGS.classes)
   except ValueError:
@@ -416,6 +441,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_integer("sample_seed", 0, "Seed of the per-class example sample.")
   flags.DEFINE_integer("lanczos_seed", 0, "Seed of the Lanczos start vector.")
+  cli.define_data_flags()
   flags.mark_flags_as_required(["workdir"])
 
 

@@ -17,6 +17,10 @@ interrupted ones resume. Each setting's table is written to
 Hyperparameters are the config defaults (see configs/default.py), except
 that small loss sets its forget rate tau to the setting's true noise rate,
 as Co-teaching does when the rate is known.
+
+`--data_source`, `--data_dir` and `--manual_dir` set where every run reads
+its data (config.data.source, data_dir and manual_dir), e.g. Fashion-MNIST
+IDX files with `--data_source=idx --manual_dir=DIR`.
 """
 
 import ml_collections
@@ -127,9 +131,10 @@ def main(argv: list[str]) -> None:
     if unknown:
       raise ValueError(f"--settings has unknown {unknown}; expected some of {list(NOISE_SETTINGS)}")
     sweep.check_unique("--settings", FLAGS.settings)
+    config = base_config(FLAGS.size)
+    cli.set_data_location(config, cli.data_location())
   except ValueError as error:
     cli.exit_with_error(error)
-  config = base_config(FLAGS.size)
   # Every setting runs before the exit, so one sweep command advances all of them.
   incomplete, num_runs = [], 0
   for setting in FLAGS.settings:
@@ -168,6 +173,7 @@ def define_flags() -> None:
   flags.DEFINE_list(
     "settings", list(NOISE_SETTINGS), f"Noise settings to run, a subset of {list(NOISE_SETTINGS)}."
   )
+  cli.define_data_flags()
 
 
 if __name__ == "__main__":

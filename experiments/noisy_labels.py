@@ -20,6 +20,10 @@ learned rates against the corruption mask and the realised noise rate.
 
 Rerunning the same command reuses finished runs and resumes interrupted ones.
 The table is written to `results.md` in the workdir.
+
+`--data_source`, `--data_dir` and `--manual_dir` set where every run reads
+its data (config.data.source, data_dir and manual_dir), e.g. the extracted
+CIFAR python archive with `--data_source=idx --manual_dir=DIR`.
 """
 
 from absl import flags
@@ -115,6 +119,7 @@ def define_flags() -> None:
   )
   flags.DEFINE_list("seeds", ["0"], "Comma-separated training seeds.")
   flags.DEFINE_bool("small", False, "Use the configs' `small` size, a run of seconds on a CPU.")
+  cli.define_data_flags()
   flags.mark_flags_as_required(["workdir"])
 
 
@@ -122,7 +127,10 @@ def main(argv: list[str]) -> None:
   del argv  # cli.parse_flags has rejected positional arguments.
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
+    location = cli.data_location()
     rows = noise_rows(FLAGS.dataset, FLAGS.model, FLAGS.settings, FLAGS.small)
+    for row in rows:
+      cli.set_data_location(row.config, location)
   except ValueError as error:
     cli.exit_with_error(error)
   incomplete = sweep.run_and_report(rows, seeds, FLAGS.workdir, COLUMNS)

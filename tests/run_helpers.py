@@ -1,11 +1,16 @@
 """Shared helpers of the end-to-end tests: a tiny config and runs on mocked tfds data."""
 
+import os
+import subprocess
+import sys
+
 import tensorflow_datasets as tfds
 
 from configs import default
 from ddlr import checkpoint, train
 
 MOCK_EXAMPLES = 100  # 90 training instances after a reference split of 10
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
@@ -51,3 +56,15 @@ def latest_state(workdir, config):
     _, template = train._build(config, str(workdir), data)
   manager = checkpoint.create_manager(str(workdir), config.checkpoint.max_to_keep)
   return checkpoint.restore_latest(manager, template, len(data.labels))
+
+
+def run_experiment(module, *arguments, env=None):
+  """Runs `python -m experiments.<module>` from the repository root and returns the result.
+
+  `env` adds to or replaces variables of this process's environment.
+  """
+  command = [sys.executable, "-m", f"experiments.{module}", *arguments]
+  return subprocess.run(
+    command, cwd=REPO, env={**os.environ, **(env or {})}, capture_output=True, text=True,
+    timeout=600,
+  )  # fmt: skip

@@ -206,3 +206,76 @@ def test_check_flag_values_accepts_defaults_and_values(capsys):
   cli.check_flag_values(_flag_values())
   cli.check_flag_values(_flag_values("--workdir=runs/a", "--seeds=3", "--models=small_cnn"))
   assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+  ("module", "arguments", "message"),
+  [
+    (
+      "architectures",
+      ["--dataset=fashion_mnist", "--small", "--data_source=http"],
+      "error: --data_source='http' is invalid; expected tfds (a tfds dataset prepared in "
+      "--data_dir) or idx (the raw files in --manual_dir).",
+    ),
+    (
+      "noisy_labels",
+      ["--dataset=cifar10", "--small", "--data_source=idx"],
+      "error: --data_source=idx reads the raw cifar10 files from --manual_dir, which is not "
+      "given; add --manual_dir=DIR.",
+    ),
+    (
+      "noisy_comparison",
+      ["--size=smoke", "--data_dir=/nonexistent/tfds"],
+      "error: --data_dir=/nonexistent/tfds is not a directory; give an existing directory of "
+      "the prepared tfds datasets.",
+    ),
+    (
+      "hessian_spectrum",
+      ["--small", "--manual_dir="],
+      "error: --manual_dir is empty; give the directory of the raw dataset files, or leave the "
+      "flag out for the config's value.",
+    ),
+    (
+      "hessian_spectrum",
+      ["--config=configs/default.py:quick", "--data_dir=/tmp", "--config.data.data_dir=/tmp"],
+      "error: --data_dir and --config.data.data_dir both set config.data.data_dir; give only "
+      "one of them.",
+    ),
+    (
+      "hessian_spectrum",
+      ["--small", "--config.data.data_dir=/tmp"],
+      "error: --small trains its own config; give --small or --config and its overrides, not "
+      "both. --data_source, --data_dir and --manual_dir set where either reads its data.",
+    ),
+  ],
+)
+def test_bad_data_flag_prints_one_error_line(tmp_path, module, arguments, message):
+  result = _run_script(module, f"--workdir={tmp_path / 'sweep'}", *arguments)
+  assert result.returncode == 1
+  assert _error_lines(result.stderr) == [message]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "sweep").exists()
+
+
+def test_unprepared_data_names_data_flags(tmp_path):
+  data_dir = tmp_path / "tfds"
+  data_dir.mkdir()
+  result = _run_script(
+    "noisy_labels",
+    "--dataset=cifar10",
+    "--small",
+    "--settings=symmetric:0.2",
+    f"--data_dir={data_dir}",
+    f"--workdir={tmp_path / 'sweep'}",
+  )
+  assert result.returncode == 1
+  assert _error_lines(result.stderr) == [
+    f"error: tfds dataset cifar10 is not prepared in {data_dir} and ddlr does not download "
+    "data: prepare it where a network is available (`tfds build cifar10 --data_dir=DIR`) and "
+    "set config.data.data_dir to DIR, or set config.data.source='idx' and "
+    "config.data.manual_dir to the directory of the raw files; this command sets "
+    "config.data.source, data_dir and manual_dir with --data_source, --data_dir and "
+    "--manual_dir."
+  ]
+  # The rejected first run removed the run folder and the sweep folder it had created.
+  assert os.listdir(tmp_path) == ["tfds"]

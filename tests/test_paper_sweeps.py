@@ -1,8 +1,13 @@
-"""Tests of the architecture and noisy-label sweeps: their rows, configs and flag errors."""
+"""Tests of the paper sweeps: their rows, configs, flag errors and where they read data."""
+
+import json
+import shutil
 
 import pytest
 
 from experiments import architectures, noisy_labels, paper_configs
+from tests.run_helpers import run_experiment
+from tests.test_data import write_mnist_dir
 
 
 def test_architecture_rows_pair_uniform_and_ddlr():
@@ -79,3 +84,68 @@ def test_noise_rows_reject_model_of_other_dataset():
 def test_build_config_rejects_unknown_method():
   with pytest.raises(ValueError, match=r"method 'oracle' is unknown"):
     paper_configs.build_config("cifar10", "resnet18", "oracle")
+
+
+def test_architectures_train_on_idx_files(tmp_path):
+  raw_dir = tmp_path / "raw"
+  raw_dir.mkdir()
+  # The small configs read 612 training and 256 test examples.
+  write_mnist_dir(str(raw_dir), num_train=612, num_test=256)
+  empty_tfds = tmp_path / "tfds"
+  empty_tfds.mkdir()
+  sweep_dir = tmp_path / "sweep"
+  arguments = ["--dataset=fashion_mnist", "--models=small_cnn", "--small", "--data_source=idx"]
+  # No tfds dataset is prepared, so only the raw files can give a result.
+  env = {"TFDS_DATA_DIR": str(empty_tfds)}
+
+  result = run_experiment(
+    "architectures", *arguments, f"--manual_dir={raw_dir}", f"--workdir={sweep_dir}", env=env
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  for method in ("uniform", "ddlr"):
+    saved = json.loads((sweep_dir / f"small_cnn_{method}_seed0" / "config.json").read_text())
+    assert saved["data"]["source"] == "idx"
+    assert saved["data"]["manual_dir"] == str(raw_dir)
+  table = (sweep_dir / "results.md").read_text()
+  assert "| small_cnn_uniform |" in table
+  assert "| small_cnn_ddlr |" in table
+
+  # The same files in another directory: both finished runs are reused as they are.
+  moved_dir = tmp_path / "moved"
+  shutil.copytree(raw_dir, moved_dir)
+  result = run_experiment(
+    "architectures", *arguments, f"--manual_dir={moved_dir}", f"--workdir={sweep_dir}", env=env
+  )
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stderr.count("Reusing the finished run in") == 2
+  assert (sweep_dir / "results.md").read_text() == table
+
+
+@pytest.mark.parametrize(
+  ("module", "arguments", "num_train"),
+  [
+    ("noisy_labels", ["--dataset=fashion_mnist", "--small", "--settings=symmetric:0.4"], 612),
+    ("noisy_comparison", ["--size=smoke", "--settings=pairflip40", "--seeds=0"], 1024),
+    ("hessian_spectrum", ["--small"], 8000),
+  ],
+)
+def test_data_flags_reach_runs(tmp_path, module, arguments, num_train):
+  # 300 training examples are fewer than every config reads, so the error shows
+  # that the run read these files.
+  raw_dir = tmp_path / "raw"
+  raw_dir.mkdir()
+  write_mnist_dir(str(raw_dir), num_train=300, num_test=50)
+  result = run_experiment(
+    module,
+    *arguments,
+    "--data_source=idx",
+    f"--manual_dir={raw_dir}",
+    f"--workdir={tmp_path / 'sweep'}",
+  )
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert errors == [
+    f"error: config.data.num_train={num_train} exceeds the 300 examples of the fashion_mnist "
+    "'train' split; set it to at most 300, or to 0 for the whole split"
+  ]
+  assert not (tmp_path / "sweep").exists()

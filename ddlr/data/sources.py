@@ -154,19 +154,18 @@ def _load_tfds_split(
 def _not_prepared_message(name: str, data_dir) -> str:
   if name == "fashion_mnist":
     instructions = (
-      "pass manual_dir with the files of Debian's dataset-fashion-mnist "
-      f"(usually {fashion_offline.DEBIAN_FASHION_MNIST_DIR}) to prepare it "
-      "offline"
+      "set config.data.manual_dir to the files of Debian's dataset-fashion-mnist "
+      f"(usually {fashion_offline.DEBIAN_FASHION_MNIST_DIR}) to prepare it offline"
     )
   else:
     instructions = (
-      f"prepare it where a network is available (`tfds build {name} "
-      "--data_dir=DIR`) and copy DIR here"
+      f"prepare it where a network is available (`tfds build {name} --data_dir=DIR`) and set "
+      "config.data.data_dir to DIR"
     )
   return (
-    f"tfds dataset {name} is not prepared in {data_dir} and ddlr does not "
-    f"download data: {instructions}, or use source='idx' with the raw files in "
-    "manual_dir"
+    f"tfds dataset {name} is not prepared in {data_dir} and ddlr does not download data: "
+    f"{instructions}, or set config.data.source='idx' and config.data.manual_dir to the "
+    "directory of the raw files"
   )
 
 
