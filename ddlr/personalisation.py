@@ -3,7 +3,9 @@
 With `config.data.target` set, every evaluation also scores the target test
 set and the rest of the test set (`evaluate_target_and_rest`). Fine-tuning
 (`config.finetune.epochs > 0`) continues from the trained parameters on the
-target sample alone, with the base optimizer at a constant learning rate.
+reference split alone, with the base optimizer at a constant learning rate.
+With a target the reference split is the target sample, and without one it
+is the held-out split of `config.data.reference_size` training examples.
 
 Fine-tuning writes no checkpoint of its own. It starts from the main
 training's last checkpoint and is a deterministic function of it and the
@@ -82,15 +84,21 @@ def domain_auroc(exponent: np.ndarray, data) -> dict[str, float]:
   return {"target_domain_auroc": analysis.auroc(exponent, mask)}
 
 
+def finetune_data_name(target_kind: str) -> str:
+  """Names the data fine-tuning trains on: the reference split, or the target sample it holds."""
+  return "reference split" if target_kind == "none" else "target sample"
+
+
 def finetune(config, data, state, *, tx, evaluate_fn: Callable, check_finite: Callable) -> dict:
-  """Fine-tune the trained model on the target sample and evaluate after every epoch.
+  """Fine-tune the trained model on the reference split and evaluate after every epoch.
 
   Each epoch is a permutation of the target sample drawn from the training
   seed and the epoch; the last partial batch is dropped.
 
   Args:
     config: the run's config; `finetune.epochs` and `train.batch_size` are read.
-    data: the run's TrainingData; its reference split is the target sample.
+    data: the run's TrainingData. Fine-tuning trains on its reference split,
+      which is the target sample when the run has a target distribution.
     state: the TrainState after the main training.
     tx: the fine-tuning optimizer, without per-instance rates.
     evaluate_fn: `(params_state, images, labels) -> {"accuracy", "loss"}`.
@@ -120,8 +128,8 @@ def finetune(config, data, state, *, tx, evaluate_fn: Callable, check_finite: Ca
   order_rng = jax.random.fold_in(jax.random.key(config.seed), _FINETUNE_STREAM)
   state = state.replace(step=jnp.zeros([], jnp.int32), opt_state=tx.init(state.params))
   logging.info(
-    "Fine-tuning on the %d-example target sample for %d epochs, batch %d.",
-    size, config.finetune.epochs, batch_size,
+    "Fine-tuning on the %d-example %s for %d epochs, batch %d.",
+    size, finetune_data_name(data.target_kind), config.finetune.epochs, batch_size,
   )  # fmt: skip
 
   history = {"finetune_test_accuracy_per_epoch": []}

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from ddlr import analysis, baselines, optim, optimizer_state
+from ddlr import analysis, baselines, optim, optimizer_state, personalisation
 from ddlr.baselines import hypergradient
 
 
@@ -250,11 +250,19 @@ def summary_lines(summary: dict, config) -> list[str]:
       f"AUROC of {scored} (clean above noisy) {summary['auroc']:.4f} | "
       f"noisy share of the 10% lowest {lowest} {summary['noisy_precision_lowest_10pct']:.3f}"
     )
+  finetune_epochs = len(summary.get("finetune_test_accuracy_per_epoch", []))
+  if finetune_epochs:
+    # The lines above score the model before fine-tuning, and final_* the model returned.
+    data_name = personalisation.finetune_data_name(config.data.target.kind)
+    lines.append(
+      f"test accuracy after fine-tuning {summary['final_test_accuracy']:.4f} "
+      f"({finetune_epochs} epoch{'' if finetune_epochs == 1 else 's'} on the {data_name})"
+    )
   if "final_target_test_accuracy" in summary:
     lines.append(
       f"target-test accuracy {summary['final_target_test_accuracy']:.4f} | "
       f"rest-of-test accuracy {summary['final_rest_test_accuracy']:.4f}"
-      + (" (after fine-tuning)" if "finetune_test_accuracy_per_epoch" in summary else "")
+      + (" (after fine-tuning)" if finetune_epochs else "")
     )
   if "target_domain_auroc" in summary:
     lines.append(

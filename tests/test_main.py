@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from configs import default
+from configs import default, personalisation
 from ddlr import reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -201,3 +201,35 @@ def test_summary_lines_leave_out_missing_auroc():
   summary = _finished_summary()
   del summary["auroc"], summary["noisy_precision_lowest_10pct"]
   assert len(reporting.summary_lines(summary, config)) == 1
+
+
+def test_summary_lines_report_finetuned_accuracy():
+  config = default.get_config()
+  config.finetune.epochs = 2
+  summary = {
+    **_finished_summary(),
+    "finetune_test_accuracy_per_epoch": [0.7031, 0.6836],
+    "final_test_accuracy": 0.6836,
+  }
+  lines = reporting.summary_lines(summary, config)
+  assert lines[0] == "last-epoch test accuracy 0.8000 | best-epoch test accuracy 0.8100 (epoch 3)"
+  assert lines[2] == "test accuracy after fine-tuning 0.6836 (2 epochs on the reference split)"
+  assert len(lines) == 3
+
+
+def test_summary_lines_report_finetuned_target_accuracy():
+  config = personalisation.get_config()
+  config.finetune.epochs = 1
+  summary = {
+    **_finished_summary(),
+    "finetune_test_accuracy_per_epoch": [0.75],
+    "final_test_accuracy": 0.75,
+    "final_target_test_accuracy": 0.625,
+    "final_rest_test_accuracy": 0.8125,
+  }
+  lines = reporting.summary_lines(summary, config)
+  assert lines[2] == "test accuracy after fine-tuning 0.7500 (1 epoch on the target sample)"
+  assert lines[3] == (
+    "target-test accuracy 0.6250 | rest-of-test accuracy 0.8125 (after fine-tuning)"
+  )
+  assert len(lines) == 4

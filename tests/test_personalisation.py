@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from test_data import make_config, write_mnist_dir
 
-from ddlr import analysis, checkpoint, train
+from ddlr import analysis, checkpoint, reporting, train
 from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
 from tests.run_helpers import tiny_config
@@ -318,12 +318,14 @@ def _weighted_accuracy(summary, data):
   return total / len(data.test_is_target)
 
 
-def test_finetune_runs_and_repeats_on_resume(tmp_path):
+def test_finetune_runs_and_repeats_on_resume(tmp_path, caplog):
   workdir = str(tmp_path / "finetune")
   config = _target_config(**{"ddlr.enabled": False})
   config.finetune.epochs = 2
+  caplog.set_level("INFO", logger="absl")
   with tfds.testing.mock_data(num_examples=100):
     summary = train.train_and_evaluate(config, workdir)
+    assert "Fine-tuning on the 6-example target sample for 2 epochs, batch 6." in caplog.messages
     data = data_lib.load_dataset(config.data)
     repeated = train.train_and_evaluate(config, workdir)
     config.finetune.epochs = 3
@@ -342,6 +344,20 @@ def test_finetune_runs_and_repeats_on_resume(tmp_path):
   # The rerun of the finished run returns its summary, fine-tuning included.
   for key in ("finetune_test_accuracy_per_epoch", "finetune_target_test_accuracy_per_epoch"):
     assert repeated[key] == summary[key], key
+
+
+def test_finetune_without_target_uses_reference_split(tmp_path, caplog):
+  config = tiny_config(**{"ddlr.enabled": False, "finetune.epochs": 2})
+  caplog.set_level("INFO", logger="absl")
+  with tfds.testing.mock_data(num_examples=100):
+    summary = train.train_and_evaluate(config, str(tmp_path))
+
+  assert "Fine-tuning on the 10-example reference split for 2 epochs, batch 10." in caplog.messages
+  assert summary["final_test_accuracy"] == summary["finetune_test_accuracy_per_epoch"][-1]
+  assert reporting.summary_lines(summary, config)[1] == (
+    f"test accuracy after fine-tuning {summary['final_test_accuracy']:.4f} "
+    "(2 epochs on the reference split)"
+  )
 
 
 def test_ddlr_run_reports_target_and_domain_auroc(tmp_path):
