@@ -34,6 +34,9 @@ def test_ddlr_run_writes_every_output(tmp_path):
   rates = np.load(os.path.join(workdir, "rates.npz"))
   assert rates["log_lr"].shape == (90,)
   assert np.count_nonzero(rates["log_lr"]) == 64
+  # Without class rates class_log_lr is empty, and rate is exp(log_lr) alone.
+  assert rates["class_log_lr"].shape == (0,)
+  np.testing.assert_array_equal(rates["rate"], np.exp(rates["log_lr"]))
   np.testing.assert_array_equal(rates["is_noisy"], rates["labels"] != rates["true_labels"])
   assert 0.0 <= summary["last_epoch_test_accuracy"] <= 1.0
   assert summary["best_epoch_test_accuracy"] >= summary["last_epoch_test_accuracy"]
