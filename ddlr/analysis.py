@@ -1,5 +1,7 @@
 """Scores and plots of learned per-instance rates against known corruption."""
 
+from collections.abc import Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")  # Runs write PNG files; no display is needed or assumed.
@@ -103,19 +105,24 @@ def rate_summary(log_lr: np.ndarray, labels: np.ndarray, num_classes: int) -> di
 
 def plot_rate_histogram(
   log_lr: np.ndarray,
-  is_noisy: np.ndarray,
+  groups: Sequence[tuple[str, np.ndarray]],
   path: str,
   title: str,
   xlabel: str = "learned log learning-rate multiplier (log_lr)",
 ) -> None:
-  """Writes a PNG histogram of the log rates of clean and noisy instances."""
+  """Writes a PNG histogram of the log rates with one colour per group of instances.
+
+  `groups` are (legend name, boolean mask over the instances) pairs, e.g.
+  clean and noisy. The legend shows each group's size, and an empty group is
+  left out.
+  """
   log_lr = np.asarray(log_lr)
-  is_noisy = np.asarray(is_noisy, bool)
   fig, ax = plt.subplots(figsize=(6.4, 4.0))
   bins = np.linspace(log_lr.min(), log_lr.max() + 1e-6, 60)
-  ax.hist(log_lr[~is_noisy], bins=bins, alpha=0.6, label=f"clean ({(~is_noisy).sum()})")
-  if is_noisy.any():
-    ax.hist(log_lr[is_noisy], bins=bins, alpha=0.6, label=f"noisy ({is_noisy.sum()})")
+  for name, mask in groups:
+    mask = np.asarray(mask, bool)
+    if mask.any():
+      ax.hist(log_lr[mask], bins=bins, alpha=0.6, label=f"{name} ({mask.sum()})")
   ax.set_xlabel(xlabel)
   ax.set_ylabel("training instances")
   ax.set_title(title)

@@ -60,7 +60,7 @@ def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict
     )
     analysis.plot_rate_histogram(
       exponent,
-      run.data.is_noisy,
+      _histogram_groups(run.data),
       os.path.join(run.workdir, "rates_histogram.png"),
       _histogram_title(run.config.data),
       xlabel=_histogram_label(ddlr_state),
@@ -70,12 +70,28 @@ def write_final_outputs(run, state, loop: checkpoint.LoopRecord, finetuned: dict
   return summary
 
 
+def _histogram_groups(data) -> list[tuple[str, np.ndarray]]:
+  """Returns the histogram's groups: rest and target domain with a target, else clean and noisy.
+
+  The second group, usually the smaller, is drawn on top. A target run with
+  noisy labels is split by domain alone, and its title names the noise.
+  """
+  if data.target_kind != "none":
+    in_domain = np.asarray(data.is_target_domain, bool)
+    return [("rest", ~in_domain), ("target domain", in_domain)]
+  is_noisy = np.asarray(data.is_noisy, bool)
+  return [("clean", ~is_noisy), ("noisy", is_noisy)]
+
+
 def _histogram_title(data_config) -> str:
   noise = data_config.noise
   title = data_config.name
   title += ", clean labels" if noise.kind == "none" else f", {noise.kind} noise {noise.rate:g}"
-  if data_config.target.kind != "none":
-    title += f", target: {data_config.target.kind}"
+  target = data_config.target
+  if target.kind == "classes":
+    title += f", target: classes {', '.join(str(label) for label in target.classes)}"
+  elif target.kind == "transform":
+    title += f", target: {target.transform} on {100 * target.fraction:g}% of images"
   return title
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import types
 
 import flax.errors
 import flax.linen as nn
@@ -215,12 +216,35 @@ def test_dropout_model_rejected(tmp_path, monkeypatch, enabled):
   )
 
 
+def test_histogram_groups_follow_target():
+  data = types.SimpleNamespace(
+    target_kind="none",
+    is_target_domain=np.array([False, False, False]),
+    is_noisy=np.array([False, True, False]),
+  )
+  groups = summary._histogram_groups(data)
+  assert [name for name, _ in groups] == ["clean", "noisy"]
+  np.testing.assert_array_equal(groups[0][1], [True, False, True])
+  np.testing.assert_array_equal(groups[1][1], [False, True, False])
+
+  data.target_kind, data.is_target_domain = "transform", np.array([True, False, False])
+  groups = summary._histogram_groups(data)
+  assert [name for name, _ in groups] == ["rest", "target domain"]
+  np.testing.assert_array_equal(groups[0][1], [False, True, True])
+  np.testing.assert_array_equal(groups[1][1], [True, False, False])
+
+
 def test_histogram_title_and_axis_label():
   config = tiny_config(**{"data.noise.kind": "none", "data.noise.rate": 0.0})
   assert summary._histogram_title(config.data) == f"{config.data.name}, clean labels"
   config = tiny_config(**{"data.noise.kind": "symmetric", "data.noise.rate": 0.4})
   config.data.target.kind = "classes"
-  expected = f"{config.data.name}, symmetric noise 0.4, target: classes"
+  config.data.target.classes = (2, 4, 6)
+  expected = f"{config.data.name}, symmetric noise 0.4, target: classes 2, 4, 6"
+  assert summary._histogram_title(config.data) == expected
+  config.data.target.kind, config.data.target.classes = "transform", ()
+  config.data.target.transform, config.data.target.fraction = "rot90", 0.1
+  expected = f"{config.data.name}, symmetric noise 0.4, target: rot90 on 10% of images"
   assert summary._histogram_title(config.data) == expected
 
   table = jnp.zeros(3)
