@@ -440,16 +440,23 @@ def test_personalisation_includes_reweighting_with_baseline_section():
   assert not any(row.config.ddlr.enabled for row in rows)
 
 
-def test_personalisation_tables_show_auroc_for_transform_only():
+def test_personalisation_tables_show_auroc_for_both_settings():
   summaries = {
-    name: [{"final_target_test_accuracy": 0.5, "target_domain_auroc": 0.9}]
-    for name in ("classes_ddlr", "transform_ddlr")
+    "classes_uniform": [{"final_target_test_accuracy": 0.5}],
+    "classes_ddlr": [{"final_target_test_accuracy": 0.5, "target_domain_auroc": 0.8}],
+    "transform_ddlr": [{"final_target_test_accuracy": 0.5, "target_domain_auroc": 0.9}],
   }
   text = personalisation.tables(summaries, [0], "rot90")
   classes_part, transform_part = text.split("### Covariate shift (rot90)")
-  assert "AUROC" not in classes_part
-  assert "| transform_ddlr | 0.5000 | n/a | n/a | 0.9000 |" in transform_part
-  assert "| classes_ddlr | 0.5000 | n/a | n/a |" in classes_part
+  header = (
+    "| method | target-test acc. | rest-of-test acc. | best-epoch target-test acc. | "
+    "target-domain AUROC |"
+  )
+  assert header in classes_part.splitlines()
+  assert header in transform_part.splitlines()
+  assert "| classes_uniform | 0.5000 | n/a | n/a | n/a |" in classes_part.splitlines()
+  assert "| classes_ddlr | 0.5000 | n/a | n/a | 0.8000 |" in classes_part.splitlines()
+  assert "| transform_ddlr | 0.5000 | n/a | n/a | 0.9000 |" in transform_part.splitlines()
 
 
 def test_run_and_report_writes_grouped_table(tmp_path):
