@@ -87,8 +87,14 @@ def precision_of_lowest(scores: np.ndarray, is_noisy: np.ndarray, fraction: floa
   return float(noisy_count / count)
 
 
-def rate_summary(log_lr: np.ndarray, labels: np.ndarray, num_classes: int) -> dict[str, float]:
-  """Returns quantiles of the multipliers exp(log_lr) and the mean multiplier per class."""
+def rate_summary(
+  log_lr: np.ndarray, labels: np.ndarray, num_classes: int
+) -> dict[str, float | None]:
+  """Returns quantiles of the multipliers exp(log_lr) and the mean multiplier per class.
+
+  The mean of a class without training instances is None (null in summary.json),
+  e.g. in a run that trains on a target sample of a few classes.
+  """
   rates = np.exp(np.asarray(log_lr, np.float64))
   summary = {
     "rate_min": float(rates.min()),
@@ -99,7 +105,7 @@ def rate_summary(log_lr: np.ndarray, labels: np.ndarray, num_classes: int) -> di
   }
   for label in range(num_classes):
     members = rates[np.asarray(labels) == label]
-    summary[f"class_{label}_mean_rate"] = float(members.mean()) if members.size else float("nan")
+    summary[f"class_{label}_mean_rate"] = float(members.mean()) if members.size else None
   return summary
 
 

@@ -1,6 +1,7 @@
 """Run outputs: metrics a person can plot, progress lines and final files."""
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -24,11 +25,15 @@ class MetricsLog:
     self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
-    """Appends one record of `scalars` at `step` to every sink."""
+    """Appends one record of `scalars` at `step` to every sink.
+
+    NaN and infinite values are written as null to metrics.jsonl.
+    """
     scalars = {key: float(value) for key, value in scalars.items()}
     self._writer.write_scalars(step, scalars)
+    record = _json_compatible({"step": step, **scalars})
     with open(self._jsonl_path, "a") as f:
-      f.write(json.dumps({"step": step, **scalars}) + "\n")
+      f.write(json.dumps(record, allow_nan=False) + "\n")
 
   def close(self) -> None:
     """Flushes and closes the event files."""
@@ -139,11 +144,29 @@ def table_rate_stats(opt_state, labels) -> dict[str, float]:
   return {f"ddlr/{name}": float(value) for name, value in zip(names, quantiles, strict=True)}
 
 
+def _json_compatible(value):
+  """Returns `value` with every NaN or infinite float, nested or not, replaced by None.
+
+  JSON has no literal for these floats. Python's json module would write a
+  bare `NaN`, which strict parsers such as JavaScript's JSON.parse reject.
+  """
+  if isinstance(value, float):
+    return value if math.isfinite(value) else None
+  if isinstance(value, dict):
+    return {key: _json_compatible(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_compatible(item) for item in value]
+  return value
+
+
 def write_json(path: str, payload: dict) -> None:
-  """Writes `payload` as indented JSON, replacing the file atomically."""
+  """Writes `payload` as indented JSON, replacing the file atomically.
+
+  NaN and infinite floats are written as null (see `_json_compatible`).
+  """
   temporary = path + ".tmp"
   with open(temporary, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(_json_compatible(payload), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
   os.replace(temporary, path)
 
@@ -247,8 +270,9 @@ def summary_lines(summary: dict, config) -> list[str]:
     else:
       scored, lowest = f"{config.baseline.name} scores", "scores"
     lines.append(
-      f"AUROC of {scored} (clean above noisy) {summary['auroc']:.4f} | "
-      f"noisy share of the 10% lowest {lowest} {summary['noisy_precision_lowest_10pct']:.3f}"
+      f"AUROC of {scored} (clean above noisy) {_format_score(summary['auroc'], '.4f')} | "
+      f"noisy share of the 10% lowest {lowest} "
+      f"{_format_score(summary['noisy_precision_lowest_10pct'], '.3f')}"
     )
   finetune_epochs = len(summary.get("finetune_test_accuracy_per_epoch", []))
   if finetune_epochs:
@@ -267,6 +291,13 @@ def summary_lines(summary: dict, config) -> list[str]:
   if "target_domain_auroc" in summary:
     lines.append(
       "AUROC of learned rates (target-domain training images above the rest) "
-      f"{summary['target_domain_auroc']:.4f}"
+      f"{_format_score(summary['target_domain_auroc'], '.4f')}"
     )
   return lines
+
+
+def _format_score(value: float | None, spec: str) -> str:
+  """Formats a score that can be undefined: NaN, or null as summary.json stores NaN, reads n/a."""
+  if value is None or math.isnan(value):
+    return "n/a"
+  return format(value, spec)

@@ -84,3 +84,10 @@ def test_precision_rejects_invalid_input(scores, is_noisy, fraction, message):
 
 def test_precision_of_nan_scores_is_nan():
   assert np.isnan(analysis.precision_of_lowest(np.array([0.0, np.nan]), np.zeros(2, bool), 0.5))
+
+
+def test_rate_summary_of_empty_class_is_none():
+  summary = analysis.rate_summary(np.log([1.0, 2.0, 4.0]), np.array([0, 0, 2]), num_classes=3)
+  assert summary["class_0_mean_rate"] == pytest.approx(1.5)
+  assert summary["class_1_mean_rate"] is None
+  assert summary["class_2_mean_rate"] == pytest.approx(4.0)

@@ -1,5 +1,7 @@
 """Tests of ddlr.main: one error line instead of a traceback, and the result lines."""
 
+import json
+import math
 import os
 import re
 import signal
@@ -233,3 +235,43 @@ def test_summary_lines_report_finetuned_target_accuracy():
     "target-test accuracy 0.6250 | rest-of-test accuracy 0.8125 (after fine-tuning)"
   )
   assert len(lines) == 4
+
+
+@pytest.mark.parametrize("undefined", [None, math.nan])
+def test_summary_lines_show_undefined_scores_as_na(undefined):
+  config = default.get_config()
+  summary = {**_finished_summary(), "auroc": undefined, "noisy_precision_lowest_10pct": undefined}
+  lines = reporting.summary_lines(summary, config)
+  assert lines[1] == (
+    "AUROC of learned rates (clean above noisy) n/a | noisy share of the 10% lowest rates n/a"
+  )
+
+
+def _reject_constant(name):
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def test_write_json_writes_null_for_non_finite(tmp_path):
+  path = tmp_path / "out.json"
+  payload = {"nan": math.nan, "nested": {"values": [1.5, math.inf, -math.inf]}, "count": 3}
+  reporting.write_json(str(path), payload)
+  text = path.read_text()
+  assert "NaN" not in text
+  assert "Infinity" not in text
+  assert json.loads(text, parse_constant=_reject_constant) == {
+    "nan": None,
+    "nested": {"values": [1.5, None, None]},
+    "count": 3,
+  }
+
+
+def test_metrics_log_writes_null_for_nan(tmp_path):
+  log = reporting.MetricsLog(str(tmp_path))
+  log.write(5, {"train/loss": 0.25, "ddlr/alignment_mean": math.nan})
+  log.close()
+  line = (tmp_path / "metrics.jsonl").read_text()
+  assert json.loads(line, parse_constant=_reject_constant) == {
+    "step": 5,
+    "train/loss": 0.25,
+    "ddlr/alignment_mean": None,
+  }

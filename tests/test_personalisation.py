@@ -382,6 +382,25 @@ def test_ddlr_run_reports_target_and_domain_auroc(tmp_path):
   ]
 
 
+def _reject_constant(name):
+  raise ValueError(f"{name} is not valid JSON")
+
+
+def test_target_sample_run_writes_valid_json(tmp_path):
+  # Training on the footwear sample leaves the other classes without training instances.
+  config = _target_config(**{"train.batch_size": 4})
+  config.data.target.train_on = "target_sample"
+  config.data.noise.kind = "none"
+  config.data.noise.rate = 0.0
+  workdir = tmp_path / "target_only"
+  with tfds.testing.mock_data(num_examples=100):
+    train.train_and_evaluate(config, str(workdir))
+
+  summary = json.loads((workdir / "summary.json").read_text(), parse_constant=_reject_constant)
+  assert summary["class_0_mean_rate"] is None
+  assert [summary[f"class_{label}_mean_rate"] > 0 for label in FOOTWEAR] == [True, True, True]
+
+
 def test_finetune_without_reference_raises(tmp_path):
   config = tiny_config(**{"ddlr.enabled": False})
   config.data.reference_size = 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ddlr import checkpoint, resume
+from ddlr import checkpoint, reporting, resume
 from ddlr.config_checks import ConfigError
 from tests.run_helpers import tiny_config
 
@@ -110,6 +110,12 @@ def test_damaged_summary_is_rejected(tmp_path):
   path.write_text('{"test_accuracy_per_epoch": [0.5')
   with pytest.raises(checkpoint.ResumeError, match=r"of a finished run cannot be read"):
     resume.read_summary(str(path))
+
+
+def test_summary_with_nan_reads_back_as_none(tmp_path):
+  path = str(tmp_path / "summary.json")
+  reporting.write_json(path, {"class_1_mean_rate": float("nan"), "auroc": 0.75})
+  assert resume.read_summary(path) == {"class_1_mean_rate": None, "auroc": 0.75}
 
 
 def test_held_workdir_rejects_second_holder(tmp_path):
