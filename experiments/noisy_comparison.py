@@ -24,7 +24,7 @@ IDX files with `--data_source=idx --manual_dir=DIR`.
 """
 
 import ml_collections
-from absl import app, flags
+from absl import flags
 
 from configs import default
 from ddlr import cli
@@ -123,8 +123,6 @@ def setting_table(
 
 def main(argv: list[str]) -> None:
   del argv  # cli.parse_flags has rejected positional arguments.
-  if FLAGS.workdir is None:
-    raise app.UsageError("--workdir is required.")
   unknown = [name for name in FLAGS.settings if name not in NOISE_SETTINGS]
   try:
     seeds = sweep.parse_seeds(FLAGS.seeds)
@@ -174,6 +172,7 @@ def define_flags() -> None:
     "settings", list(NOISE_SETTINGS), f"Noise settings to run, a subset of {list(NOISE_SETTINGS)}."
   )
   cli.define_data_flags()
+  flags.mark_flags_as_required(["workdir"])
 
 
 if __name__ == "__main__":

@@ -135,6 +135,21 @@ def test_empty_workdir_prints_error_line(tmp_path, module, arguments):
 
 
 @pytest.mark.parametrize(
+  ("module", "arguments"),
+  [
+    ("noisy_comparison", ["--size=smoke"]),
+    ("uniform_vs_ddlr", ["--config=configs/default.py:quick"]),
+  ],
+)
+def test_missing_workdir_prints_error_line(module, arguments):
+  result = _run_script(module, *arguments)
+  assert result.returncode == 1
+  [line] = _error_lines(result.stderr)
+  assert line == "error: flag --workdir=None: Flag --workdir must have a value other than None."
+  assert "--workdir: Directory that receives" not in result.stderr
+
+
+@pytest.mark.parametrize(
   ("module", "arguments", "message"),
   [
     (
