@@ -48,6 +48,14 @@ def _error_lines(stderr: str) -> list[str]:
       "error: --config.train.epochs: train has no field 'epochs'; its fields are: batch_size,",
     ),
     (
+      # One sweep-level error, not the ddlr row's config.ddlr.enabled conflict.
+      "uniform_vs_ddlr",
+      ["--config=configs/default.py:quick", "--config.baseline.name=data_parameters"],
+      "error: uniform_vs_ddlr does not support config.baseline.name='data_parameters'. A "
+      "baseline replaces the per-instance rates, so the ddlr row cannot train with one. Remove "
+      "this setting and rerun. To compare the baselines, run experiments.noisy_comparison.",
+    ),
+    (
       "architectures",
       ["--dataset=fashion_mnist", "--small", "--models=small_cnn,small_cnn"],
       "error: --models lists small_cnn more than once; give each value once.",

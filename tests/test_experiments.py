@@ -388,6 +388,41 @@ def test_uniform_vs_ddlr_rows_differ_only_in_switch():
   assert rows[0].config.to_dict() == rows[1].config.to_dict()
 
 
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (
+      {"baseline.name": "data_parameters"},
+      "uniform_vs_ddlr does not support config.baseline.name='data_parameters'. A baseline "
+      "replaces the per-instance rates, so the ddlr row cannot train with one. Remove this "
+      "setting and rerun. To compare the baselines, run experiments.noisy_comparison.",
+    ),
+    (
+      {"ddlr.enabled": False},
+      "uniform_vs_ddlr does not support config.ddlr.enabled=False. The sweep sets "
+      "config.ddlr.enabled itself, to False in its uniform row and True in its ddlr row. "
+      "Remove this setting and rerun.",
+    ),
+    (
+      {"ddlr.enabled": False, "baseline.name": "small_loss"},
+      "uniform_vs_ddlr does not support config.ddlr.enabled=False and "
+      "config.baseline.name='small_loss'. The sweep sets config.ddlr.enabled itself, to False "
+      "in its uniform row and True in its ddlr row. A baseline replaces the per-instance "
+      "rates, so the ddlr row cannot train with one. Remove these settings and rerun. To "
+      "compare the baselines, run experiments.noisy_comparison.",
+    ),
+  ],
+)
+def test_uniform_vs_ddlr_rejects_overridden_switches(overrides, message):
+  config = default.get_config("quick")
+  for path, value in overrides.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  with pytest.raises(ConfigError) as raised:
+    uniform_vs_ddlr.method_rows(config)
+  assert str(raised.value) == message
+
+
 def test_personalisation_rows_change_one_switch_each():
   config = personalisation_config.get_config("quick")
   rows = personalisation.sweep_rows(
