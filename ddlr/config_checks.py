@@ -36,6 +36,16 @@ def _require_range(config, path: str, low: float, high: float | None = None, *, 
     raise ConfigError(f"config.{path}={value!r} is invalid; expected a value {bound}.")
 
 
+def _require_nonzero_rate(config, path: str, trained: str) -> None:
+  """Raises ConfigError if the learning rate at `path` is 0, which leaves `trained` unchanged."""
+  value = _get(config, path)
+  if value == 0:
+    raise ConfigError(
+      f"config.{path}={value!r} is invalid; expected a value > 0, because a learning rate "
+      f"of 0 never changes {trained}."
+    )
+
+
 def _get(config, path: str):
   node = config
   for part in path.split("."):
@@ -107,6 +117,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require_choice(config, "optimizer.name", OPTIMIZERS)
   _require_choice(config, "optimizer.schedule", SCHEDULES)
   _require_range(config, "optimizer.learning_rate", 0.0)
+  _require_nonzero_rate(config, "optimizer.learning_rate", "the model parameters")
   _require_range(config, "optimizer.warmup_epochs", 0.0)
   _require_range(config, "optimizer.momentum", 0.0, 1.0)
   _require_range(config, "optimizer.weight_decay", 0.0)
@@ -126,6 +137,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.ddlr.hyper_momentum == 1.0:
     raise ConfigError("config.ddlr.hyper_momentum=1.0 is invalid; expected a value in [0, 1).")
   _require_range(config, "ddlr.class_hyper_learning_rate", 0.0)
+  if config.ddlr.enabled and config.ddlr.instance_rates:
+    _require_nonzero_rate(config, "ddlr.hyper_learning_rate", "the per-instance rates")
+  if config.ddlr.enabled and config.ddlr.class_rates:
+    _require_nonzero_rate(config, "ddlr.class_hyper_learning_rate", "the class rates")
   for field in ("init_log_lr", "log_lr_min", "log_lr_max"):
     _require_range(config, f"ddlr.{field}", -math.inf)
   _require_range(config, "ddlr.log_lr_decay", 0.0)
@@ -259,12 +274,6 @@ def _validate_baseline(config) -> None:
 
   _require_range(config, "baseline.hypergradient.hyper_learning_rate", 0.0)
   _require_bool(config, "baseline.hypergradient.follow_schedule")
-  if name == "hypergradient" and config.optimizer.learning_rate == 0.0:
-    raise ConfigError(
-      "config.optimizer.learning_rate=0.0 is invalid with config.baseline.name="
-      "'hypergradient': it is the initial learned rate and the schedule's scale; "
-      "expected a value > 0."
-    )
 
   section = "baseline.data_parameters"
   _require_bool(config, f"{section}.use_class")

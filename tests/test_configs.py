@@ -286,6 +286,71 @@ def test_invalid_step_schedule_raises(overrides, message):
     validate_config(config)
 
 
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (
+      {"optimizer.learning_rate": 0.0},
+      "config.optimizer.learning_rate=0.0 is invalid; expected a value > 0, because a "
+      "learning rate of 0 never changes the model parameters.",
+    ),
+    (
+      # The hypergradient baseline starts its learned rate here, so it would stay 0.
+      {"optimizer.learning_rate": 0.0, "ddlr.enabled": False, "baseline.name": "hypergradient"},
+      "config.optimizer.learning_rate=0.0 is invalid; expected a value > 0, because a "
+      "learning rate of 0 never changes the model parameters.",
+    ),
+    (
+      {"ddlr.hyper_learning_rate": 0.0},
+      "config.ddlr.hyper_learning_rate=0.0 is invalid; expected a value > 0, because a "
+      "learning rate of 0 never changes the per-instance rates.",
+    ),
+    (
+      {"ddlr.class_rates": True, "ddlr.class_hyper_learning_rate": 0.0},
+      "config.ddlr.class_hyper_learning_rate=0.0 is invalid; expected a value > 0, because a "
+      "learning rate of 0 never changes the class rates.",
+    ),
+  ],
+)
+def test_zero_learning_rate_raises(overrides, message):
+  config = default.get_config("quick")
+  for path, value in overrides.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  with pytest.raises(ConfigError) as raised:
+    validate_config(config)
+  assert str(raised.value) == message
+
+
+@pytest.mark.parametrize(
+  "overrides",
+  [
+    # Unused rates: the uniform baseline learns no rates, the default learns no class rates.
+    {"ddlr.enabled": False, "ddlr.hyper_learning_rate": 0.0},
+    {"ddlr.class_hyper_learning_rate": 0.0},
+    # Fine-tuning is off (0 epochs), so its learning rate is unused.
+    {"finetune.learning_rate": 0.0},
+  ],
+)
+def test_unused_zero_learning_rate_accepted(overrides):
+  config = default.get_config("quick")
+  for path, value in overrides.items():
+    section, field = path.split(".")
+    config[section][field] = value
+  validate_config(config)
+
+
+def test_finetune_zero_learning_rate_raises():
+  config = default.get_config("quick")
+  config.finetune.epochs = 1
+  config.finetune.learning_rate = 0.0
+  with pytest.raises(ConfigError) as raised:
+    validate_config(config)
+  assert str(raised.value) == (
+    "config.finetune.learning_rate=0.0 is invalid; fine-tuning needs a learning rate > 0."
+  )
+
+
 def _labels_cycle_dataset(builder, *args, **kwargs):
   """Mock tfds data whose labels cycle through every class, for a class-balanced split."""
   del args, kwargs
