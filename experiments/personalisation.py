@@ -158,8 +158,12 @@ def define_flags() -> None:
     "Share of training and test images that carry the transform, in (0, 1); sets "
     "config.data.target.fraction of the covariate-shift rows.",
   )
+  # 0 epochs would make `finetune` a copy of `uniform` and `ddlr_finetune` of `ddlr`.
   flags.DEFINE_integer(
-    "finetune_epochs", 10, "Epochs of the `finetune` method on the target sample."
+    "finetune_epochs",
+    10,
+    "Epochs of the `finetune` and `ddlr_finetune` methods on the target sample, at least 1.",
+    lower_bound=1,
   )
   flags.DEFINE_list("methods", None, "Methods to run, all when unset.")
   flags.mark_flags_as_required(["workdir"])

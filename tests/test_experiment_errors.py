@@ -66,6 +66,12 @@ def _error_lines(stderr: str) -> list[str]:
       "error: config.train.batch_size=0 is invalid; expected a value >= 1.",
     ),
     (
+      # The flag, not the config.finetune.epochs it sets.
+      "personalisation",
+      ["--config=configs/personalisation.py:quick", "--finetune_epochs=-1"],
+      "error: flag --finetune_epochs=-1: -1 is not a positive integer",
+    ),
+    (
       "personalisation",
       ["--config=configs/personalisation.py:quick", "--fraction=1.5"],
       "error: --fraction=1.5 is invalid; expected the share of training and test images",
