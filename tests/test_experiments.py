@@ -531,7 +531,7 @@ def test_run_rows_logs_run_number(tmp_path, monkeypatch, caplog):
     sweep.Row("uniform", tiny_config(**{"ddlr.enabled": False})),
     sweep.Row("ddlr", tiny_config()),
   ]
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO", logger="absl"):
     sweep.run_rows(rows, [0, 1], str(tmp_path))
   assert len(trained) == 4
   messages = [
