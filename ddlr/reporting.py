@@ -10,10 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from clu import metric_writers
+from etils import epy
 
 from ddlr import analysis, baselines, optim, optimizer_state, personalisation
 from ddlr.baselines import hypergradient
+
+# clu's summary writer imports TensorFlow, about 3 s, so it is imported when
+# the first run writes metrics: a command that stops at a config or flag
+# error then ends sooner.
+with epy.lazy_imports():
+  from clu import metric_writers
 
 
 class MetricsLog:

@@ -18,11 +18,19 @@ epoch, and every example's crop and flip are drawn from a stateless seed of
 and then gets the same batches as an uninterrupted one.
 """
 
+from __future__ import annotations
+
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+from etils import epy
+
+# TensorFlow takes about 3 s to import and only the ImageNet stream uses it,
+# so it is imported on first use: a command that stops at a config or flag
+# error then ends sooner.
+with epy.lazy_imports():
+  import tensorflow as tf
 
 from ddlr.data import catalog
 from ddlr.data.errors import DataError
