@@ -103,12 +103,12 @@ def cached_direction(state, settings):
   """Returns the preconditioned cached reference gradient for the `jvp` path, else None.
 
   The cached gradient is fixed before the step, so the `jvp` path scores the
-  batch against it in its forward pass (`alignment.linearize_with_alignment`),
-  which lowered the small CNN's peak memory from 1.27x a uniform step's to
-  1.18x at the same speed within noise. The momentum buffer is fixed too, but that step
-  ran slower (1.51x against 1.35x a uniform step) and fits in 1.18x without
-  it (scripts/benchmark.py, 2-core CPU). Baselines score the batch on their
-  own, so they get None.
+  batch against it in its forward pass (`alignment.linearize_with_alignment`).
+  That lowered the small CNN's peak memory from 1.27x a uniform step's to
+  1.18x at the same speed within noise. The momentum buffer is fixed too,
+  but that step ran slower (1.51x against 1.35x a uniform step) and fits in
+  1.18x without it (scripts/benchmark.py, 2-core CPU). Baselines score the
+  batch on their own, so they get None.
   """
   if settings.baseline.name != "none" or not caches_reference(settings):
     return None
