@@ -83,10 +83,10 @@ class StepSettings:
   # the alignment (its JVP). False: jax.vjp for the gradient and a separate
   # jax.jvp, which repeats the forward pass; kept to test and benchmark.
   linearize: bool = True
-  # Under the `split` reference without whole-batch BatchNorm: True runs the
-  # second half's forward and backward pass before the first half's, which
-  # lowers peak memory, and False lets XLA run the halves at once, which was
-  # faster on a 2-core CPU (docs/performance.md). The results are the same.
+  # Under the `split` reference without whole-batch BatchNorm, True runs the
+  # first half's passes after the second half's backward pass, which lowers
+  # peak memory. False lets XLA run the halves at once, which was faster on a
+  # 2-core CPU (docs/performance.md). The results are the same.
   split_sequential: bool = False
   # Share of a batch that `small_loss` and `small_loss_split` keep as the
   # pseudo-clean reference, ranked by loss within each label when per_class.

@@ -30,13 +30,18 @@ def tiny_config(**overrides):
   config.train.log_every_steps = 1
   config.eval.batch_size = 50
   config.model.width = 4
+  apply_overrides(config, overrides)
+  return config
+
+
+def apply_overrides(config, overrides: dict) -> None:
+  """Sets each dotted field path of `overrides`, e.g. "ddlr.reference", in `config`."""
   for path, value in overrides.items():
     *sections, field = path.split(".")
     node = config
     for section in sections:
       node = node[section]
     node[field] = value
-  return config
 
 
 def run_on_mock(config, workdir, num_examples=MOCK_EXAMPLES):

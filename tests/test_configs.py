@@ -16,6 +16,7 @@ from ddlr import data as data_lib
 from ddlr import train
 from ddlr.config_checks import ConfigError, check_reference_batches, validate_config
 from ddlr.models import create_model
+from tests.run_helpers import apply_overrides
 
 CIFAR_ARGS = [
   f"dataset={dataset},model={model},rates={rates}{size}"
@@ -314,9 +315,7 @@ def test_invalid_step_schedule_raises(overrides, message):
 )
 def test_zero_learning_rate_raises(overrides, message):
   config = default.get_config("quick")
-  for path, value in overrides.items():
-    section, field = path.split(".")
-    config[section][field] = value
+  apply_overrides(config, overrides)
   with pytest.raises(ConfigError) as raised:
     validate_config(config)
   assert str(raised.value) == message

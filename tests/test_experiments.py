@@ -14,7 +14,7 @@ from ddlr import data as data_lib
 from ddlr.config_checks import ConfigError
 from ddlr.data import DataError, raw_files
 from experiments import personalisation, sweep, uniform_vs_ddlr
-from tests.run_helpers import MOCK_EXAMPLES, tiny_config
+from tests.run_helpers import MOCK_EXAMPLES, apply_overrides, tiny_config
 from tests.test_data import write_idx, write_mnist_dir
 
 
@@ -415,9 +415,7 @@ def test_uniform_vs_ddlr_rows_differ_only_in_switch():
 )
 def test_uniform_vs_ddlr_rejects_overridden_switches(overrides, message):
   config = default.get_config("quick")
-  for path, value in overrides.items():
-    section, field = path.split(".")
-    config[section][field] = value
+  apply_overrides(config, overrides)
   with pytest.raises(ConfigError) as raised:
     uniform_vs_ddlr.method_rows(config)
   assert str(raised.value) == message
@@ -572,13 +570,19 @@ def _write_idx_copy_of_mock(directory) -> None:
       write_idx(str(directory / f"{prefix}-labels-idx1-ubyte"), raw_labels, compress=False)
 
 
-def test_finished_run_with_other_source_checks_split(tmp_path, monkeypatch):
+def _finished_uniform_run(tmp_path):
+  """Returns the config, run folder and summary of a uniform mocked run, and an empty folder."""
   config = tiny_config(**{"ddlr.enabled": False})
   run_dir = tmp_path / "run"
   with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
     summary = sweep.run_or_load(config, str(run_dir))
   raw_dir = tmp_path / "raw"
   raw_dir.mkdir()
+  return config, run_dir, summary, raw_dir
+
+
+def test_finished_run_with_other_source_checks_split(tmp_path, monkeypatch):
+  config, run_dir, summary, raw_dir = _finished_uniform_run(tmp_path)
   _write_idx_copy_of_mock(raw_dir)
   config.data.source = "idx"
   config.data.manual_dir = str(raw_dir)
@@ -591,12 +595,7 @@ def test_finished_run_with_other_source_checks_split(tmp_path, monkeypatch):
 
 
 def test_finished_run_with_other_source_data_raises(tmp_path):
-  config = tiny_config(**{"ddlr.enabled": False})
-  run_dir = tmp_path / "run"
-  with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
-    summary = sweep.run_or_load(config, str(run_dir))
-  raw_dir = tmp_path / "raw"
-  raw_dir.mkdir()
+  config, run_dir, summary, raw_dir = _finished_uniform_run(tmp_path)
   write_mnist_dir(str(raw_dir), num_train=MOCK_EXAMPLES, num_test=MOCK_EXAMPLES)
   config.data.source = "idx"
   config.data.manual_dir = str(raw_dir)
